@@ -1,0 +1,171 @@
+"""Apply: the only code that changes a model. Builds every module first, then swaps them in.
+
+Nothing is half-applied: all adapter and site modules are built before the first swap, and
+a failure during the swaps rolls back the ones already made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from registry import Registry
+
+from .plan import Leaf, OpNode, Plan, Program, SitePlan
+from .runtime import SiteBuild
+from .runtime.linear import Leaf as LinearLeaf
+from .runtime.state import CallState
+from .sites import SiteInfo
+from .validate import Analysis
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """What an operator's runtime factory learns about the site it is built for."""
+
+    node: str
+    path: str
+    family: str
+    present: tuple[int, ...]
+    state: CallState
+    info: SiteInfo | None = None
+
+
+@dataclass
+class Runtime:
+    """Modules built for a plan, before any of them is put into the model."""
+
+    adapters: dict[str, dict[str, nn.Module]] = field(default_factory=dict)  # adapter -> key -> module
+    infos: dict[str, dict[str, SiteInfo]] = field(default_factory=dict)  # adapter -> key -> site
+    shared: dict[str, nn.Module] = field(default_factory=dict)  # operator node -> shared module
+    method_shared: dict[str, nn.Module] = field(default_factory=dict)  # adapter -> module shared by its sites
+    sites: dict[tuple[str, str], nn.Module] = field(default_factory=dict)  # (path, family) -> site module
+
+
+@dataclass
+class Patch:
+    """What apply changed, so that undo can put everything back exactly."""
+
+    swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = field(default_factory=list)
+    hooks: list[RemovableHandle] = field(default_factory=list)
+    requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    added_attrs: list[tuple[nn.Module, str]] = field(default_factory=list)
+    undone: bool = False
+
+
+def build_adapter(analysis: Analysis, name: str, rt: Runtime) -> None:
+    """Instantiate adapter ``name``'s modules at all its sites."""
+    method = analysis.methods[name]
+    config = analysis.configs[name]
+    infos = analysis.sites[name]
+    shared = None
+    if method.shared is not None:
+        shared = method.shared(config, infos)
+        rt.method_shared[name] = shared
+    modules: dict[str, nn.Module] = {}
+    by_key: dict[str, SiteInfo] = {}
+    for info in infos:
+        module = method.build(config, info) if shared is None else method.build(config, info, shared)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"method {method.name!r} (plugin {method.plugin!r}) built {type(module).__name__}, not an nn.Module, for {info.key}")
+        modules[info.key] = module.to(device=info.device)
+        by_key[info.key] = info
+    rt.adapters[name] = modules
+    rt.infos[name] = by_key
+
+
+def _leaf(rt: Runtime, leaf: Leaf, family: str, sp: SitePlan) -> nn.Module:
+    module = rt.adapters[leaf.adapter][leaf.key]
+    info = rt.infos[leaf.adapter][leaf.key]
+    if family == "linear":
+        return LinearLeaf(leaf.adapter, leaf.kind, module, info, sp.out_features)
+    raise NotImplementedError(f"no runtime for site family {family!r}")
+
+
+def build_node(analysis: Analysis, rt: Runtime, prog: Program, sp: SitePlan, state: CallState, info: SiteInfo | None) -> nn.Module:
+    if isinstance(prog, Leaf):
+        return _leaf(rt, prog, sp.family, sp)
+    assert isinstance(prog, OpNode)
+    children = [build_node(analysis, rt, c, sp, state, info) for c in prog.children]
+    reg: Registry = analysis.registry
+    record = reg.operator("stack" if prog.implicit else prog.operator)
+    options = record.options() if prog.implicit else analysis.options[prog.node]
+    if not prog.implicit and prog.node not in rt.shared and record.shared is not None:
+        n = len(analysis.graph.spec(prog.node).children)
+        rt.shared[prog.node] = record.shared(options, n)
+    ctx = NodeContext(prog.node, sp.path, sp.family, prog.present, state, info)
+    return record.families[sp.family](children, options, prog.keys, rt.shared.get(prog.node), ctx)
+
+
+def build_runtime(analysis: Analysis, plan: Plan, state: CallState) -> Runtime:
+    rt = Runtime()
+    for name in analysis.sites:
+        build_adapter(analysis, name, rt)
+    model = analysis.model
+    first_info: dict[tuple[str, str], SiteInfo] = {}
+    for infos in analysis.sites.values():
+        for i in infos:
+            first_info.setdefault((i.path, i.family), i)
+    for sp in plan.sites:
+        info = first_info.get((sp.path, sp.family))
+        program = build_node(analysis, rt, sp.program, sp, state, info)
+        base = model.get_submodule(sp.path) if sp.path else model
+        kinds = {leaf.kind for leaf in sp.program.leaves()}
+        build = SiteBuild(path=sp.path, family=sp.family, plan=sp, program=program, state=state, kinds=frozenset(kinds), info=info)
+        rt.sites[(sp.path, sp.family)] = analysis.registry.build_site(base, sp.family, build)
+    return rt
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+def patch_model(model: nn.Module, rt: Runtime, state: CallState) -> Patch:
+    """Freeze the base, swap the site modules in, and return how to undo it."""
+    patch = Patch()
+    adapter_params = {id(p) for m in rt.sites.values() for p in m.parameters()} - {id(p) for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            patch.requires_grad.append((p, p.requires_grad))
+            p.requires_grad_(False)
+        for (path, family), site in rt.sites.items():
+            if family in ("linear", "sublayer"):
+                parent, attr = _parent(model, path)
+                original = getattr(parent, attr)
+                setattr(parent, attr, site)
+                patch.swaps.append((parent, attr, original, site))
+            else:
+                raise NotImplementedError(f"no way to apply site family {family!r}")
+        for m in rt.sites.values():
+            for p in m.parameters():
+                if id(p) in adapter_params:
+                    p.requires_grad_(True)
+    except BaseException:
+        undo_patch(patch)
+        raise
+    return patch
+
+
+@torch.no_grad()
+def undo_patch(patch: Patch) -> None:
+    if patch.undone:
+        return
+    for _parent_mod, _attr, _original, site in reversed(patch.swaps):
+        if hasattr(site, "unmerge"):
+            site.unmerge()
+    for parent, attr, original, _site in reversed(patch.swaps):
+        setattr(parent, attr, original)
+    for handle in patch.hooks:
+        handle.remove()
+    for obj, name in patch.added_attrs:
+        if hasattr(obj, name):
+            delattr(obj, name)
+    for p, flag in patch.requires_grad:
+        p.requires_grad_(flag)
+    patch.undone = True
+
+
+__all__ = ["NodeContext", "Patch", "Runtime", "build_runtime", "patch_model", "undo_patch"]

@@ -1,0 +1,315 @@
+"""``Composed``: a model with a composition applied, and everything one does with it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from registry import Diagnostic, Registry
+
+from .apply import Patch, Runtime, undo_patch
+from .errors import ComposerError, CompositionError
+from .graph import Graph
+from .plan import Leaf, OpNode, Plan, Program
+from .runtime.linear import LinearSite
+from .runtime.state import CallState
+from .validate import Analysis
+
+
+class AdapterHandle:
+    """One adapter of a composition: its config and its modules, keyed by site."""
+
+    def __init__(self, name: str, method: str, config: Any, modules: Mapping[str, nn.Module], shared: nn.Module | None):
+        self.name = name
+        self.method = method
+        self.config = config
+        self.modules = dict(modules)
+        self.shared = shared
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        seen: set[int] = set()
+        for key, module in self.modules.items():
+            for pname, p in module.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield f"{key}.{pname}", p
+        if self.shared is not None:
+            for pname, p in self.shared.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield f"shared.{pname}", p
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Architecture-neutral tensors: ``<site key>.<param>`` (e.g. ``layers.0.attn.q.lora_A``)."""
+        out: dict[str, torch.Tensor] = {}
+        for key, module in self.modules.items():
+            for k, v in module.state_dict().items():
+                out[f"{key}.{k}"] = v
+        if self.shared is not None:
+            for k, v in self.shared.state_dict().items():
+                out[f"shared.{k}"] = v
+        return out
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.state_dict().items()}
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy tensors in (shapes must already be checked); dtype follows the module."""
+        targets: dict[str, torch.Tensor] = {}
+        for key, module in self.modules.items():
+            for k, v in module.state_dict(keep_vars=True).items():
+                targets[f"{key}.{k}"] = v
+        if self.shared is not None:
+            for k, v in self.shared.state_dict(keep_vars=True).items():
+                targets[f"shared.{k}"] = v
+        for k, t in tensors.items():
+            dst = targets[k]
+            dst.data.copy_(t.to(device=dst.device, dtype=dst.dtype))
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def __repr__(self) -> str:
+        return f"AdapterHandle({self.name!r}, method={self.method!r}, sites={len(self.modules)})"
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    """Trainable parameters per adapter (and per operator with weights), with totals."""
+
+    per_adapter: Mapping[str, int]
+    per_operator: Mapping[str, int]
+    trainable: int
+    base: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.base, 1)
+
+    def __str__(self) -> str:
+        rows = [(f"adapter {k}", v) for k, v in self.per_adapter.items()]
+        rows += [(f"operator {k}", v) for k, v in self.per_operator.items()]
+        width = max([len(r[0]) for r in rows] + [len("base model (frozen)")])
+        lines = [f"{name:<{width}}  {n:>12,}" for name, n in rows]
+        lines.append(f"{'trainable total':<{width}}  {self.trainable:>12,}  ({self.percent:.4f}% of the base)")
+        lines.append(f"{'base model (frozen)':<{width}}  {self.base:>12,}")
+        return "\n".join(lines)
+
+
+class Composed:
+    """A model with a composition applied in place. Made by :func:`composer.compose`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        graph: Graph,
+        plan: Plan,
+        registry: Registry,
+        analysis: Analysis,
+        runtime: Runtime,
+        patch: Patch,
+        state: CallState,
+        fingerprint: dict[str, Any],
+    ):
+        self.model = model
+        self.graph = graph
+        self.plan = plan
+        self.registry = registry
+        self._analysis = analysis
+        self._rt = runtime
+        self._patch = patch
+        self.state = state
+        self.fingerprint = fingerprint
+        self.adapters: dict[str, AdapterHandle] = {
+            name: AdapterHandle(name, analysis.methods[name].name, analysis.configs[name], mods, runtime.method_shared.get(name))
+            for name, mods in runtime.adapters.items()
+        }
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        return not self._patch.undone
+
+    def _require_active(self) -> None:
+        if self._patch.undone:
+            raise ComposerError("this composition was undone; compose the model again to use it")
+
+    def undo(self) -> nn.Module:
+        """Put the original modules back (same objects, bit-identical state) and return the model."""
+        undo_patch(self._patch)
+        return self.model
+
+    def sites(self) -> dict[tuple[str, str], nn.Module]:
+        return dict(self._rt.sites)
+
+    # --- training ---------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> Composed:
+        """Training mode: the base stays frozen, only adapter parameters train."""
+        self._require_active()
+        self.model.train(mode)
+        return self
+
+    def eval(self) -> Composed:
+        return self.train(False)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """All trainable parameters of the composition (adapters and operator weights)."""
+        seen: set[int] = set()
+        out = []
+        for module in self._rt.sites.values():
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; methods may ask for their own (LoRA+ raises B's rate)."""
+        groups: list[dict[str, Any]] = []
+        claimed: set[int] = set()
+        for name, handle in self.adapters.items():
+            method = self._analysis.methods[name]
+            if method.param_groups is None:
+                continue
+            for group in method.param_groups(handle.config, handle.modules, lr):
+                params = [p for p in group["params"] if p.requires_grad and id(p) not in claimed]
+                claimed.update(id(p) for p in params)
+                if params:
+                    groups.append({"weight_decay": weight_decay, **group, "params": params, "adapter": name})
+        rest = [p for p in self.parameters() if id(p) not in claimed]
+        if rest:
+            groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay})
+        return groups
+
+    def trainable_parameters(self) -> ParameterReport:
+        per_adapter = {n: h.num_parameters(trainable_only=True) for n, h in self.adapters.items()}
+        per_operator = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in self._rt.shared.items()}
+        per_operator = {k: v for k, v in per_operator.items() if v}
+        trainable = sum(p.numel() for p in self.parameters())
+        adapter_ids = {id(p) for p in self.parameters()}
+        base = sum(p.numel() for p in self.model.parameters() if id(p) not in adapter_ids)
+        return ParameterReport(per_adapter, per_operator, trainable, base)
+
+    # --- merging ----------------------------------------------------------------------
+
+    def _merge_problems(self) -> tuple[list[LinearSite], list[Diagnostic], set[str]]:
+        mergeable, problems, unmerged = [], [], set()
+        for (path, family), site in self._rt.sites.items():
+            prog = self.plan.site(path, family).program
+            if family != "linear" or not isinstance(site, LinearSite):
+                unmerged.update(leaf.adapter for leaf in prog.leaves())
+                continue
+            reasons = _unfoldable(prog, self._analysis)
+            if reasons:
+                problems.extend(
+                    Diagnostic(code="merge-not-exact", message=f"{msg} (site {path})", nodes=nodes, sites=(path,), fix=fix)
+                    for msg, nodes, fix in reasons
+                )
+            else:
+                mergeable.append(site)
+        return mergeable, problems, unmerged
+
+    def merge(self, partial: bool = False) -> list[str]:
+        """Fold every adapter into the base weights (exactly; originals are kept for unmerge).
+
+        Refuses, listing every reason, when something cannot be folded exactly (an adapter
+        under route or mix, a method that is not linear). With ``partial=True`` merges the
+        linear sites that can be and returns the adapters left active.
+        """
+        self._require_active()
+        mergeable, problems, unmerged = self._merge_problems()
+        if problems and not partial:
+            raise CompositionError(problems, "merge")
+        if unmerged and not partial:
+            raise CompositionError(
+                [
+                    Diagnostic(
+                        code="merge-not-exact",
+                        message=f"adapter {a!r} ({self.adapters[a].method}) cannot be merged into linear weights",
+                        nodes=(a,),
+                        fix="merge(partial=True) merges the others and leaves it active",
+                    )
+                    for a in sorted(unmerged)
+                ],
+                "merge",
+            )
+        for site in mergeable:
+            site.merge()
+        left = set(unmerged)
+        for d in problems:
+            left.update(n for n in d.nodes if n in self.adapters)
+        return sorted(left)
+
+    def unmerge(self) -> None:
+        """Restore the weights saved by :meth:`merge` (bit-identical)."""
+        for site in self._rt.sites.values():
+            if isinstance(site, LinearSite):
+                site.unmerge()
+
+    @property
+    def merged(self) -> bool:
+        return any(isinstance(s, LinearSite) and s.merged for s in self._rt.sites.values())
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """Fold everything into the weights, remove the composition, and return the plain model.
+
+        Irreversible: the original weights are not kept."""
+        self.merge()
+        for site in self._rt.sites.values():
+            if isinstance(site, LinearSite):
+                site.forget_originals()
+        undo_patch(self._patch)
+        return self.model
+
+    # --- files ------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``composition.json`` and one safetensors file per adapter, atomically."""
+        from .io import save_composition
+
+        return save_composition(self, Path(directory))
+
+    def to_peft(self, name: str, directory: str | Path) -> Path:
+        """Export adapter ``name`` in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+        from .peft_io import export_peft
+
+        return export_peft(self, name, Path(directory))
+
+    def __repr__(self) -> str:
+        state = "undone" if self._patch.undone else ("merged" if self.merged else "active")
+        return f"Composed({type(self.model).__name__}, {len(self.adapters)} adapters, {len(self.plan.sites)} sites, {state})"
+
+
+def _unfoldable(prog: Program, analysis: Analysis) -> list[tuple[str, tuple[str, ...], str]]:
+    out = []
+
+    def walk(p: Program, under: str | None) -> None:
+        if isinstance(p, Leaf):
+            method = analysis.methods[p.adapter]
+            if under is not None:
+                out.append((f"adapter {p.adapter!r} sits inside {under}, whose output depends on the input", (p.adapter,), "merge is exact only for stack and sum"))
+            elif not method.capabilities.mergeable:
+                out.append((f"method {method.name} of adapter {p.adapter!r} is not mergeable", (p.adapter,), "merge(partial=True) leaves it active"))
+            return
+        assert isinstance(p, OpNode)
+        record = analysis.registry.operators.get("stack" if p.implicit else p.operator)
+        inner = under
+        if inner is None and (record is None or not record.exact_merge):
+            inner = f"{p.operator} node {p.node!r}"
+        for c in p.children:
+            walk(c, inner)
+
+    walk(prog, None)
+    return out

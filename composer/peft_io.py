@@ -1,0 +1,143 @@
+"""Import from and export to HF PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The host handles files and key names (``base_model.model.<module path>.<tensor>``); each
+method's codec (``register.method(..., peft=codec)``) translates its config and names its
+tensors. ``peft`` itself is never imported.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from registry import MethodRecord, Registry
+
+from .errors import AdapterFileError
+from .graph import Graph
+from .io import _contiguous, check_tensors, read_safetensors, write_directory_atomically
+
+PREFIX = "base_model.model."
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class PeftAdapter:
+    """A PEFT adapter read from disk, ready to be declared in a graph and loaded."""
+
+    method: str
+    config: Mapping[str, Any]
+    targets: tuple[str, ...]
+    tensors: Mapping[str, Mapping[str, torch.Tensor]]  # module path -> our tensor name -> tensor
+    source: Path
+
+    def declare(self, graph: Graph, name: str) -> str:
+        """Declare this adapter in ``graph`` under ``name``."""
+        return graph.adapter(name, self.method, targets=list(self.targets), **dict(self.config))
+
+    def load_into(self, composed: Any, name: str) -> None:
+        """Copy the weights into adapter ``name`` of ``composed`` (checked first)."""
+        handle = composed.adapters[name]
+        tensors = {f"{key}.{t}": v for key, module in handle.modules.items() for t, v in self._for(key).items()}
+        problems = check_tensors(f"{self.source}", tensors, handle.expected_shapes())
+        if problems:
+            raise AdapterFileError("the PEFT adapter does not fit the model:\n  " + "\n  ".join(problems))
+        handle.load_tensors(tensors)
+
+    def _for(self, key: str) -> Mapping[str, torch.Tensor]:
+        path = key[len("module.") :] if key.startswith("module.") else key
+        return self.tensors.get(path, {})
+
+
+def _method_for(registry: Registry, peft_type: str) -> MethodRecord:
+    for record in registry.methods.values():
+        if record.peft is not None and peft_type in record.peft.peft_types:
+            return record
+    known = sorted(t for r in registry.methods.values() if r.peft is not None for t in r.peft.peft_types)
+    raise AdapterFileError(f"no installed method reads PEFT adapters of type {peft_type!r}; readable types: {known}")
+
+
+def read_peft(directory: str | Path, *, registry: Registry | None = None) -> PeftAdapter:
+    """Read a PEFT adapter directory (without touching any model)."""
+    from .api import default_registry
+
+    registry = registry or default_registry()
+    directory = Path(directory)
+    cfg_path = directory / CONFIG
+    if not cfg_path.is_file():
+        raise AdapterFileError(f"{directory} holds no {CONFIG}; is it a PEFT adapter directory?")
+    try:
+        peft_config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{cfg_path} is not valid JSON: {exc}") from None
+    method = _method_for(registry, str(peft_config.get("peft_type")))
+    try:
+        config = method.peft.from_peft(peft_config)
+    except ValueError as exc:
+        raise AdapterFileError(f"{cfg_path}: {exc}") from None
+    raw = read_safetensors(directory / WEIGHTS)
+    names: Mapping[str, str] = method.peft.tensor_names
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in raw.items():
+        if not key.startswith(PREFIX):
+            raise AdapterFileError(f"{directory / WEIGHTS}: tensor {key!r} does not start with {PREFIX!r}")
+        body = key[len(PREFIX) :]
+        for suffix, ours in names.items():
+            if body.endswith("." + suffix):
+                tensors.setdefault(body[: -len(suffix) - 1], {})[ours] = value
+                break
+        else:
+            raise AdapterFileError(f"{directory / WEIGHTS}: tensor {key!r} is not one a {method.name} adapter has ({sorted(names)})")
+    return PeftAdapter(method.name, config, tuple(sorted(tensors)), tensors, directory)
+
+
+def from_peft(model: nn.Module, directory: str | Path, name: str = "default", *, registry: Registry | None = None) -> Any:
+    """Compose ``model`` with the PEFT adapter in ``directory`` under ``name``."""
+    from .api import compose
+
+    adapter = read_peft(directory, registry=registry)
+    graph = Graph()
+    adapter.declare(graph, name)
+    composed = compose(model, graph, registry=registry)
+    try:
+        adapter.load_into(composed, name)
+    except BaseException:
+        composed.undo()
+        raise
+    return composed
+
+
+def export_peft(composed: Any, name: str, directory: Path) -> Path:
+    if name not in composed.adapters:
+        raise KeyError(f"no adapter {name!r}; adapters: {sorted(composed.adapters)}")
+    handle = composed.adapters[name]
+    record = composed.registry.method(handle.method)
+    if record.peft is None:
+        raise AdapterFileError(f"method {handle.method!r} has no PEFT equivalent, so adapter {name!r} cannot be exported")
+    infos = list(composed._rt.infos[name].values())
+    sliced = [i.key for i in infos if i.out_slice is not None]
+    if sliced:
+        raise AdapterFileError(
+            f"adapter {name!r} acts on parts of fused layers ({', '.join(sliced[:4])}), which PEFT cannot express; "
+            "target the fused module (e.g. 'attn.qkv' on GPT-2) to export it"
+        )
+    ours_to_peft = {v: k for k, v in record.peft.tensor_names.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for info in infos:
+        for t, value in handle.modules[info.key].state_dict().items():
+            if t not in ours_to_peft:
+                continue
+            tensors[f"{PREFIX}{info.path}.{ours_to_peft[t]}"] = value
+    peft_config = record.peft.to_peft(handle.config, infos)
+    files = {
+        WEIGHTS: lambda p, t=_contiguous(tensors): save_file(t, str(p), metadata={"format": "pt"}),
+        CONFIG: json.dumps(peft_config, indent=2).encode(),
+    }
+    return write_directory_atomically(directory, files, CONFIG)

@@ -1,0 +1,378 @@
+"""Resolving an adapter's targets (roles, module names, regexes) to concrete sites of a model."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from registry import KINDS, ArchitectureRecord, AttentionGeometry, Diagnostic, MethodRecord, Module, Registry, Slice, Sublayer
+
+from .graph import AdapterSpec
+
+MODEL_FAMILIES = ("prefix", "prompt", "optimizer")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or a transformers ``Conv1D`` (GPT-2's transposed linear)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    w = module.weight
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as [out, in] (a view; Conv1D stores [in, out])."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+@dataclass(frozen=True, eq=False)
+class SiteInfo:
+    """Where one adapter acts, as given to a method's ``build(config, site)``.
+
+    ``key`` is architecture-neutral (``layers.3.attn.q``) and names the adapter's weights
+    on disk; ``path`` is the module path in this model; ``out_slice`` is the part of a
+    fused output the role owns (GPT-2's ``c_attn``); ``in_features``/``out_features``
+    are the sizes the method sees (the slice's size, not the fused one).
+    """
+
+    key: str
+    path: str
+    family: str
+    kind: str
+    role: str | None = None
+    layer: int | None = None
+    out_slice: tuple[int, int] | None = None
+    in_features: int = 0
+    out_features: int = 0
+    input_path: str | None = None
+    geometry: AttentionGeometry | None = None
+    model_config: Any = field(default=None, repr=False)
+    module: nn.Module | None = field(default=None, repr=False)
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def weight(self) -> torch.Tensor:
+        """The base weight this site sees, [out_features, in_features] (sliced, never copied)."""
+        if self.module is None or not is_linear(self.module):
+            raise TypeError(f"site {self.key} has no linear weight")
+        w = linear_weight(self.module)
+        if self.out_slice is not None:
+            w = w[self.out_slice[0] : self.out_slice[1]]
+        return w
+
+    def bias(self) -> torch.Tensor | None:
+        b = getattr(self.module, "bias", None)
+        if b is not None and self.out_slice is not None:
+            b = b[self.out_slice[0] : self.out_slice[1]]
+        return b
+
+
+@dataclass(frozen=True)
+class _Location:
+    key: str
+    path: str
+    role: str | None
+    layer: int | None
+    target: Any
+
+
+def backbone_prefix(model: nn.Module) -> str:
+    """Path of the transformers backbone inside ``model`` ('' when the model is the backbone)."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return ""
+    for name, module in model.named_children():
+        if module is base:
+            return name + "."
+    return ""
+
+
+def model_type(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None)
+
+
+def _module_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_modules() if n]
+
+
+class Resolver:
+    """Resolves targets on one model; built once per compose."""
+
+    def __init__(self, model: nn.Module, registry: Registry):
+        self.model = model
+        self.registry = registry
+        self.model_type = model_type(model)
+        self.arch: ArchitectureRecord | None = registry.architecture_for(self.model_type)
+        self.prefix = backbone_prefix(model)
+        self.names = _module_names(model)
+        self.num_layers = self.arch.num_layers(model.config) if self.arch else None
+        try:
+            first = next(model.parameters())
+            self.dtype, self.device = first.dtype, first.device
+        except StopIteration:
+            self.dtype, self.device = torch.float32, torch.device("cpu")
+
+    # --- locations --------------------------------------------------------------------
+
+    def _role_locations(self, spec: AdapterSpec, role: str, diags: list[Diagnostic]) -> list[_Location]:
+        target = self.arch.roles[role]
+        template = target.output if isinstance(target, Sublayer) else target.path
+        layered = "{i}" in template
+        if layered:
+            layers = list(range(self.num_layers)) if spec.layers is None else list(spec.layers)
+            bad = [i for i in layers if not 0 <= i < self.num_layers]
+            if bad:
+                diags.append(
+                    Diagnostic(
+                        code="bad-layers",
+                        message=f"adapter {spec.name!r} asks for layers {bad}, but the model has {self.num_layers} (0..{self.num_layers - 1})",
+                        nodes=(spec.name,),
+                        fix=f"use layer indices below {self.num_layers}",
+                    )
+                )
+                layers = [i for i in layers if i not in bad]
+        else:
+            layers = [None]
+        locs = []
+        for i in layers:
+            fill = (lambda t, i=i: self.prefix + t.format(i=i)) if i is not None else (lambda t: self.prefix + t)
+            if isinstance(target, Sublayer):
+                resolved: Any = Sublayer(fill(target.input), fill(target.output))
+                path = resolved.output
+            elif isinstance(target, Slice):
+                resolved = Slice(fill(target.path), target.index, target.parts)
+                path = resolved.path
+            else:
+                resolved = Module(fill(target.path))
+                path = resolved.path
+            key = f"layers.{i}.{role}" if i is not None else role
+            locs.append(_Location(key, path, role, i, resolved))
+        return locs
+
+    def _pattern_locations(self, spec: AdapterSpec, pattern: str) -> list[_Location]:
+        if pattern.startswith("re:"):
+            rx = re.compile(pattern[3:])
+            paths = [n for n in self.names if rx.fullmatch(n)]
+        else:
+            paths = [n for n in self.names if n == pattern or n.endswith("." + pattern)]
+        return [_Location(f"module.{p}", p, None, None, Module(p)) for p in paths]
+
+    def locations(self, spec: AdapterSpec, method: MethodRecord, diags: list[Diagnostic]) -> list[_Location]:
+        targets = spec.targets if spec.targets is not None else method.default_targets
+        if not targets:
+            diags.append(
+                Diagnostic(
+                    code="no-targets",
+                    message=f"adapter {spec.name!r} ({method.name}) names no targets and the method has no default",
+                    nodes=(spec.name,),
+                    fix="pass targets=[...] (roles such as 'attn.q', module names, or 're:<regex>')",
+                )
+            )
+            return []
+        locs: list[_Location] = []
+        known_roles = self.registry.roles
+        for t in targets:
+            if self.arch is not None and t in self.arch.roles:
+                locs.extend(self._role_locations(spec, t, diags))
+                continue
+            if t in known_roles:
+                if self.arch is None:
+                    diags.append(
+                        Diagnostic(
+                            code="no-architecture",
+                            message=f"adapter {spec.name!r} targets role {t!r}, but no architecture plugin maps model type {self.model_type!r}",
+                            nodes=(spec.name,),
+                            rule="roles are mapped to modules by architecture plugins",
+                            fix="target module names or 're:<regex>' patterns instead, or install an architecture plugin",
+                        )
+                    )
+                else:
+                    diags.append(
+                        Diagnostic(
+                            code="role-missing",
+                            message=f"adapter {spec.name!r} targets role {t!r}, which {self.arch.name} models do not have",
+                            nodes=(spec.name,),
+                            rule=f"roles of {self.arch.name}: {', '.join(self.arch.roles)}",
+                            fix="choose one of those roles, or target a module name or 're:<regex>'",
+                        )
+                    )
+                continue
+            found = self._pattern_locations(spec, t)
+            if found:
+                locs.extend(found)
+                continue
+            if t.startswith("re:"):
+                diags.append(
+                    Diagnostic(
+                        code="pattern-matches-nothing",
+                        message=f"adapter {spec.name!r}: regex {t[3:]!r} matches no module of this model",
+                        nodes=(spec.name,),
+                        fix="check the pattern against [n for n, _ in model.named_modules()] (it must match the whole path)",
+                    )
+                )
+                continue
+            vocabulary = sorted(known_roles)
+            close = difflib.get_close_matches(t, vocabulary + sorted({n.rsplit('.', 1)[-1] for n in self.names}), n=3)
+            diags.append(
+                Diagnostic(
+                    code="unknown-role",
+                    message=f"adapter {spec.name!r}: {t!r} is neither a known role nor the name of a module in this model"
+                    + (f"; did you mean {', '.join(map(repr, close))}?" if close else ""),
+                    nodes=(spec.name,),
+                    rule=f"known roles: {', '.join(vocabulary)}",
+                    fix="use a role, a module name such as 'q_proj', or a regex 're:...'",
+                )
+            )
+        unique: dict[tuple[str, Any], _Location] = {}
+        for loc in locs:
+            unique.setdefault((loc.path, loc.target), loc)
+        return list(unique.values())
+
+    # --- sites ------------------------------------------------------------------------
+
+    def model_site(self, spec: AdapterSpec, kind: str, diags: list[Diagnostic]) -> SiteInfo | None:
+        family = KINDS[kind]
+        geometry = None
+        if family == "prefix":
+            if self.arch is None or self.arch.geometry is None:
+                diags.append(self._point_missing(spec, kind))
+                return None
+            geometry = self.arch.geometry(self.model.config)
+        elif self.arch is not None and kind not in self.arch.provides and family != "optimizer":
+            diags.append(self._point_missing(spec, kind))
+            return None
+        return SiteInfo(
+            key="model",
+            path="",
+            family=family,
+            kind=kind,
+            geometry=geometry,
+            model_config=getattr(self.model, "config", None),
+            module=self.model,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def _point_missing(self, spec: AdapterSpec, kind: str) -> Diagnostic:
+        arch = self.arch.name if self.arch else f"model type {self.model_type!r}"
+        provided = ", ".join(sorted(self.arch.provides)) if self.arch else "none known"
+        return Diagnostic(
+            code="point-missing",
+            message=f"adapter {spec.name!r} needs insertion point {kind!r}, which {arch} does not provide",
+            nodes=(spec.name,),
+            rule=f"insertion points provided: {provided}",
+            fix="use a method acting through one of those points, or extend the architecture plugin",
+        )
+
+    def sites(self, spec: AdapterSpec, method: MethodRecord, config: Any, diags: list[Diagnostic]) -> list[SiteInfo]:
+        """Every site where adapter ``spec`` acts, or diagnostics saying why it cannot."""
+        model_kinds = [k for k in method.points if KINDS[k] in MODEL_FAMILIES]
+        if model_kinds and len(model_kinds) == len(method.points):
+            site = self.model_site(spec, model_kinds[0], diags)
+            return [site] if site is not None else []
+        out: list[SiteInfo] = []
+        for loc in self.locations(spec, method, diags):
+            probe = SiteInfo(key=loc.key, path=loc.path, family="", kind="", role=loc.role, layer=loc.layer)
+            kind = method.kind_for(config, probe)
+            family = KINDS[kind]
+            if self.arch is not None and loc.role is not None and kind not in self.arch.provides:
+                diags.append(self._point_missing(spec, kind))
+                continue
+            site = self._site(spec, method, loc, kind, family, diags)
+            if site is not None:
+                out.append(site)
+        return out
+
+    def _site(self, spec, method, loc, kind, family, diags) -> SiteInfo | None:
+        try:
+            module = self.model.get_submodule(loc.path)
+        except AttributeError:
+            diags.append(
+                Diagnostic(
+                    code="role-path-missing",
+                    message=f"role {loc.role!r} maps to {loc.path!r}, which this model does not have",
+                    nodes=(spec.name,),
+                    fix="the architecture plugin does not fit this model variant; target module names instead",
+                )
+            )
+            return None
+        common = dict(
+            key=loc.key,
+            path=loc.path,
+            family=family,
+            kind=kind,
+            role=loc.role,
+            layer=loc.layer,
+            model_config=getattr(self.model, "config", None),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        if family == "linear":
+            if isinstance(loc.target, Sublayer) or not is_linear(module):
+                diags.append(
+                    Diagnostic(
+                        code="target-not-linear",
+                        message=f"adapter {spec.name!r} ({method.name}, {kind}) targets {loc.key!r} at {loc.path!r}, "
+                        f"a {type(module).__name__}, not a linear layer",
+                        nodes=(spec.name,),
+                        sites=(loc.path,),
+                        fix="target linear roles (attn.q, attn.k, attn.v, attn.o, mlp.*) or linear modules",
+                    )
+                )
+                return None
+            fan_in, fan_out = linear_shape(module)
+            out_slice = None
+            if isinstance(loc.target, Slice):
+                if fan_out % loc.target.parts:
+                    diags.append(
+                        Diagnostic(
+                            code="role-path-missing",
+                            message=f"{loc.path!r} has {fan_out} outputs, not divisible into {loc.target.parts} parts",
+                            nodes=(spec.name,),
+                        )
+                    )
+                    return None
+                size = fan_out // loc.target.parts
+                out_slice = (loc.target.index * size, (loc.target.index + 1) * size)
+                fan_out = size
+            return SiteInfo(**common, out_slice=out_slice, in_features=fan_in, out_features=fan_out, module=module)
+        if family == "sublayer":
+            target = loc.target if isinstance(loc.target, Sublayer) else Sublayer(loc.path, loc.path)
+            width = _output_width(self.model, module)
+            return SiteInfo(
+                **common,
+                input_path=target.input,
+                in_features=width,
+                out_features=width,
+                module=module,
+            )
+        diags.append(
+            Diagnostic(
+                code="kind-target-mismatch",
+                message=f"adapter {spec.name!r}: kind {kind!r} acts on the whole model, not on {loc.key!r}",
+                nodes=(spec.name,),
+                fix="leave targets unset for this method",
+            )
+        )
+        return None
+
+
+def _output_width(model: nn.Module, module: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        if cfg is not None and hasattr(cfg, attr):
+            return int(getattr(cfg, attr))
+    if is_linear(module):
+        return linear_shape(module)[1]
+    raise ValueError(f"cannot tell the width of {type(module).__name__}")

@@ -1,0 +1,440 @@
+"""Validation: every rule runs, every problem is collected, nothing touches the model.
+
+Rules and their stable codes (README "Validation" lists them with examples):
+
+graph      unknown-node, unknown-operator, bad-options, operator-arity, bad-route-keys,
+           cycle, forbidden-nesting, duplicate-name, bad-graph-file
+adapters   unknown-method, bad-config
+targets    unknown-role, role-missing, no-architecture, pattern-matches-nothing, no-targets,
+           target-not-linear, point-missing, bad-layers, role-path-missing, kind-target-mismatch
+sites      unsupported-operator, no-declared-order, incompatible-scales, method-conflict,
+           stack-order, plugin-check-failed (and whatever plugins add through check_graph)
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+from pydantic import BaseModel, ValidationError
+from torch import nn
+
+from registry import KINDS, Diagnostic, MethodRecord, Registry
+
+from .graph import AdapterSpec, Graph, OperatorSpec
+from .plan import Leaf, OpNode, Program, compile_site, site_groups
+from .sites import Resolver, SiteInfo
+
+# Pairs of kinds whose order at one site does not matter. Every other pair needs an order
+# declared by a stack (or a combination operator that defines the math).
+COMMUTING: frozenset[frozenset[str]] = frozenset(
+    frozenset(p)
+    for p in [
+        ("linear.delta", "linear.delta"),
+        ("linear.scale_out", "linear.scale_out"),
+        ("linear.scale_in", "linear.scale_in"),
+        ("linear.scale_in", "linear.scale_out"),
+        ("sublayer.parallel", "sublayer.parallel"),
+        ("attention.kv_prefix", "attention.kv_prefix"),
+        ("optimizer", "optimizer"),
+    ]
+)
+
+
+def commute(a: str, b: str) -> bool:
+    return frozenset((a, b)) in COMMUTING
+
+
+@dataclass
+class Analysis:
+    """Everything validation learned; the input of planning."""
+
+    graph: Graph
+    registry: Registry
+    model: nn.Module | None
+    methods: dict[str, MethodRecord] = field(default_factory=dict)
+    configs: dict[str, BaseModel] = field(default_factory=dict)
+    options: dict[str, BaseModel] = field(default_factory=dict)
+    sites: dict[str, list[SiteInfo]] = field(default_factory=dict)
+    programs: dict[tuple[str, str], Program] = field(default_factory=dict)
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    resolver: Resolver | None = None
+
+
+class GraphView:
+    """The read-only view of a graph handed to plugins' ``check_graph``."""
+
+    def __init__(self, analysis: Analysis):
+        self._a = analysis
+
+    @property
+    def specs(self) -> dict[str, Any]:
+        return self._a.graph.specs
+
+    @property
+    def nx(self) -> nx.DiGraph:
+        return self._a.graph.nx
+
+    def roots(self) -> list[str]:
+        return self._a.graph.roots()
+
+    def config(self, adapter: str) -> BaseModel | None:
+        return self._a.configs.get(adapter)
+
+    def sites(self, adapter: str) -> list[SiteInfo]:
+        return list(self._a.sites.get(adapter, []))
+
+    @property
+    def programs(self) -> Mapping[tuple[str, str], Program]:
+        return dict(self._a.programs)
+
+    def method_of(self, adapter: str) -> str | None:
+        spec = self._a.graph.specs.get(adapter)
+        return spec.method if isinstance(spec, AdapterSpec) else None
+
+
+def _close(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=3)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
+# --- graph structure ------------------------------------------------------------------
+
+
+def _check_structure(a: Analysis) -> None:
+    graph, reg, out = a.graph, a.registry, a.diagnostics
+    specs = graph.specs
+    for spec in specs.values():
+        if not isinstance(spec, OperatorSpec):
+            continue
+        for child in spec.children:
+            if child not in specs:
+                out.append(
+                    Diagnostic(
+                        code="unknown-node",
+                        message=f"{spec.operator} node {spec.name!r} refers to {child!r}, which is not declared"
+                        + _close(child, list(specs)),
+                        nodes=(spec.name, child),
+                        fix=f"declare {child!r} with g.adapter(...) or fix the name",
+                    )
+                )
+        record = reg.operators.get(spec.operator)
+        if record is None:
+            out.append(
+                Diagnostic(
+                    code="unknown-operator",
+                    message=f"node {spec.name!r} uses operator {spec.operator!r}, which no plugin registers"
+                    + _close(spec.operator, list(reg.operators)),
+                    nodes=(spec.name,),
+                    rule=f"registered operators: {', '.join(reg.operators)}",
+                    fix="use a registered operator or install the plugin that provides it",
+                )
+            )
+            continue
+        try:
+            options = record.options.model_validate(spec.options)
+        except ValidationError as exc:
+            out.append(_pydantic_diag("bad-options", f"{spec.operator} node {spec.name!r}", exc, record.options, (spec.name,)))
+            continue
+        a.options[spec.name] = options
+        n = len(spec.children)
+        if n < record.min_children:
+            out.append(
+                Diagnostic(
+                    code="operator-arity",
+                    message=f"{spec.operator} node {spec.name!r} has {n} children; it needs at least {record.min_children}",
+                    nodes=(spec.name,),
+                    fix="add children or remove the node",
+                )
+            )
+        if record.keyed:
+            keys = spec.keys or ()
+            if len(keys) != n or len(set(keys)) != len(keys):
+                out.append(
+                    Diagnostic(
+                        code="bad-route-keys",
+                        message=f"{spec.operator} node {spec.name!r} needs one distinct key per child; got keys {list(keys)} for {n} children",
+                        nodes=(spec.name,),
+                        fix='declare it as g.route({"key": child, ...})',
+                    )
+                )
+        elif spec.keys is not None:
+            out.append(
+                Diagnostic(
+                    code="bad-options",
+                    message=f"{spec.operator} node {spec.name!r} takes no keys (only keyed operators such as route do)",
+                    nodes=(spec.name,),
+                )
+            )
+        if record.check is not None:
+            for problem in record.check(options, n, spec.keys):
+                out.append(Diagnostic(code="bad-options", message=f"{spec.operator} node {spec.name!r}: {problem}", nodes=(spec.name,)))
+    _check_cycles(a)
+    _check_nesting(a)
+
+
+def _check_cycles(a: Analysis) -> None:
+    specs = a.graph.specs
+    g = a.graph.nx.subgraph([n for n in a.graph.nx.nodes if n in specs])
+    for cycle in list(nx.simple_cycles(g))[:10]:
+        path = " → ".join([*cycle, cycle[0]])
+        under = sorted(
+            {d for n in cycle for d in nx.descendants(g, n) | {n} if isinstance(specs.get(d), AdapterSpec)}
+        )
+        a.diagnostics.append(
+            Diagnostic(
+                code="cycle",
+                message=f"the graph has a cycle: {path}" + (f" (adapters under it: {', '.join(under)})" if under else ""),
+                nodes=tuple(cycle),
+                rule="a composition graph is acyclic: a node cannot contain itself",
+                fix=f"remove one of the edges on the cycle, e.g. {cycle[-1]!r} → {cycle[0]!r}",
+            )
+        )
+
+
+def nesting_table(reg: Registry) -> dict[tuple[str, str], tuple[bool, str]]:
+    table: dict[tuple[str, str], tuple[bool, str]] = {}
+    for rule in reg.rules.nesting:
+        table[(rule.outer, rule.inner)] = (rule.allowed, rule.reason)
+    return table
+
+
+def _check_nesting(a: Analysis) -> None:
+    specs = a.graph.specs
+    table = nesting_table(a.registry)
+    allowed = sorted(f"{o} ⊃ {i}" for (o, i), (ok, _) in table.items() if ok)
+    for spec in specs.values():
+        if not isinstance(spec, OperatorSpec) or spec.operator not in a.registry.operators:
+            continue
+        for child in spec.children:
+            inner = specs.get(child)
+            if not isinstance(inner, OperatorSpec) or inner.operator not in a.registry.operators:
+                continue
+            ok, reason = table.get((spec.operator, inner.operator), (False, "no rule allows it"))
+            if not ok:
+                a.diagnostics.append(
+                    Diagnostic(
+                        code="forbidden-nesting",
+                        message=f"{spec.operator} node {spec.name!r} contains {inner.operator} node {child!r}: {reason}",
+                        nodes=(spec.name, child),
+                        rule=f"allowed nestings (outer ⊃ inner): {', '.join(allowed)}",
+                        fix="restructure the graph so that only allowed nestings occur",
+                    )
+                )
+
+
+# --- adapters -------------------------------------------------------------------------
+
+
+def _pydantic_diag(code: str, what: str, exc: ValidationError, model: type, nodes: tuple[str, ...]) -> Diagnostic:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(config)"
+        got = e.get("input")
+        parts.append(f"{loc}: {e['msg']}" + (f" (got {got!r})" if e["type"] != "missing" and not isinstance(got, dict) else ""))
+    fields = ", ".join(model.model_fields)
+    return Diagnostic(
+        code=code,
+        message=f"{what}: " + "; ".join(parts),
+        nodes=nodes,
+        rule=f"accepted fields: {fields}",
+        fix="fix or remove the fields named above",
+    )
+
+
+def _check_adapters(a: Analysis) -> None:
+    reg = a.registry
+    for name, spec in a.graph.adapters.items():
+        method = reg.methods.get(spec.method)
+        if method is None:
+            a.diagnostics.append(
+                Diagnostic(
+                    code="unknown-method",
+                    message=f"adapter {name!r} uses method {spec.method!r}, which no plugin registers" + _close(spec.method, list(reg.methods)),
+                    nodes=(name,),
+                    rule=f"registered methods: {', '.join(reg.methods)}",
+                    fix="use a registered method or install the plugin that provides it",
+                )
+            )
+            continue
+        a.methods[name] = method
+        try:
+            a.configs[name] = method.config.model_validate(spec.config)
+        except ValidationError as exc:
+            a.diagnostics.append(_pydantic_diag("bad-config", f"adapter {name!r} ({spec.method})", exc, method.config, (name,)))
+
+
+# --- per-site rules -------------------------------------------------------------------
+
+
+def _walk(prog: Program, ancestors: tuple[OpNode, ...] = ()) -> Iterator[tuple[Leaf, tuple[OpNode, ...]]]:
+    if isinstance(prog, Leaf):
+        yield prog, ancestors
+    else:
+        for child in prog.children:
+            yield from _walk(child, (*ancestors, prog))
+
+
+def _kinds(prog: Program) -> set[str]:
+    return {leaf.kind for leaf in prog.leaves()}
+
+
+def _check_sites(a: Analysis) -> None:
+    reg, out = a.registry, a.diagnostics
+    refused: dict[tuple[str, str], Diagnostic] = {}
+    unordered: dict[tuple[str, str], list[str]] = {}
+    mixed: dict[str, list[str]] = {}
+    for (path, family), prog in a.programs.items():
+        where = path or "<model>"
+        for leaf, ancestors in _walk(prog):
+            for node in ancestors:
+                if node.implicit:
+                    continue
+                record = reg.operators.get(node.operator)
+                if record is not None and family not in record.families and (leaf.adapter, node.node) not in refused:
+                    refused[(leaf.adapter, node.node)] = Diagnostic(
+                        code="unsupported-operator",
+                        message=f"{node.operator} node {node.node!r} cannot combine {family} sites, where adapter {leaf.adapter!r} ({leaf.method}) acts",
+                        nodes=(node.node, leaf.adapter),
+                        sites=(where,),
+                        rule=f"{node.operator} is implemented for: {', '.join(sorted(record.families))}",
+                        fix="compose this adapter with an operator that supports its sites",
+                    )
+                for r in reg.rules.refusals:
+                    if r.operator == node.operator and (r.method == leaf.method or r.kind == leaf.kind):
+                        refused.setdefault(
+                            (leaf.adapter, node.node),
+                            Diagnostic(
+                                code="unsupported-operator",
+                                message=f"adapter {leaf.adapter!r} ({leaf.method}, {leaf.kind}) cannot be composed under {node.operator} node {node.node!r}: {r.reason}",
+                                nodes=(node.node, leaf.adapter),
+                                sites=(where,),
+                                rule="method × operator table (README)",
+                                fix=r.fix or "compose it with another operator",
+                                plugin=r.plugin,
+                            ),
+                        )
+        for node in _opnodes(prog):
+            if node.implicit and node.node == "<roots>":
+                _check_commuting_roots(node, where, unordered)
+            elif node.operator not in ("stack", "route") and not node.implicit:
+                kinds = [_kinds(c) for c in node.children]
+                if any("linear.scale_in" in k for k in kinds) and any("linear.scale_out" in k for k in kinds):
+                    mixed.setdefault(node.node, []).append(where)
+            if node.operator == "stack" and not node.implicit:
+                _check_orders(a, node, where)
+        _check_conflicts(a, prog, where)
+    out.extend(refused.values())
+    for (x, y), where in unordered.items():
+        out.append(
+            Diagnostic(
+                code="no-declared-order",
+                message=f"adapters {x!r} and {y!r} act at the same site in ways whose order matters, but nothing declares the order",
+                nodes=(x, y),
+                sites=tuple(where),
+                rule="ops that do not commute (a scale and a delta, two sublayer adapters, two prompts) need an order",
+                fix=f"put them in a stack: g.stack({x!r}, {y!r}) (or the reverse order)",
+            )
+        )
+    for node, where in mixed.items():
+        out.append(
+            Diagnostic(
+                code="incompatible-scales",
+                message=f"node {node!r} combines input scales and output scales at the same site; a weighted combination of both is not one linear layer",
+                nodes=(node,),
+                sites=tuple(where),
+                fix="combine them with a stack (ordered) or route (one per example) instead",
+            )
+        )
+
+
+def _opnodes(prog: Program) -> Iterator[OpNode]:
+    if isinstance(prog, OpNode):
+        yield prog
+        for child in prog.children:
+            yield from _opnodes(child)
+
+
+def _check_commuting_roots(node: OpNode, where: str, unordered: dict[tuple[str, str], list[str]]) -> None:
+    children = list(node.children)
+    for i in range(len(children)):
+        for j in range(i + 1, len(children)):
+            for li in children[i].leaves():
+                for lj in children[j].leaves():
+                    if not commute(li.kind, lj.kind):
+                        unordered.setdefault((li.adapter, lj.adapter), []).append(where)
+
+
+def _check_orders(a: Analysis, node: OpNode, where: str) -> None:
+    seq = [leaf.method for c in node.children for leaf in c.leaves()]
+    for rule in a.registry.rules.orders:
+        if rule.first in seq and rule.then in seq:
+            if max(i for i, m in enumerate(seq) if m == rule.first) > min(i for i, m in enumerate(seq) if m == rule.then):
+                a.diagnostics.append(
+                    Diagnostic(
+                        code="stack-order",
+                        message=f"stack {node.node!r} puts {rule.then} before {rule.first} at {where}: {rule.reason}",
+                        nodes=(node.node,),
+                        sites=(where,),
+                        fix=f"reorder the stack so that {rule.first} comes first",
+                        plugin=rule.plugin,
+                    )
+                )
+
+
+def _check_conflicts(a: Analysis, prog: Program, where: str) -> None:
+    leaves = list(prog.leaves())
+    for rule in a.registry.rules.conflicts:
+        first = [lf for lf in leaves if lf.method == rule.first]
+        second = [lf for lf in leaves if lf.method == rule.second and lf not in first]
+        if first and second:
+            a.diagnostics.append(
+                Diagnostic(
+                    code="method-conflict",
+                    message=f"{rule.first} ({first[0].adapter!r}) and {rule.second} ({second[0].adapter!r}) act at {where}: {rule.reason}",
+                    nodes=(first[0].adapter, second[0].adapter),
+                    sites=(where,),
+                    fix=rule.fix or "target different sites",
+                    plugin=rule.plugin,
+                )
+            )
+
+
+# --- entry point ----------------------------------------------------------------------
+
+
+def analyse(graph: Graph, registry: Registry, model: nn.Module | None = None) -> Analysis:
+    """Run every rule and collect every diagnostic (see :func:`validate`)."""
+    a = Analysis(graph=graph, registry=registry, model=model)
+    _check_structure(a)
+    _check_adapters(a)
+    if model is not None:
+        a.resolver = Resolver(model, registry)
+        for name, method in a.methods.items():
+            config = a.configs.get(name)
+            if config is None:
+                continue
+            a.sites[name] = a.resolver.sites(graph.spec(name), method, config, a.diagnostics)
+        structural = {"unknown-node", "cycle", "unknown-operator", "bad-options"}
+        if not any(d.code in structural for d in a.diagnostics):
+            names = {n: m.name for n, m in a.methods.items()}
+            for key, here in site_groups(a.sites).items():
+                prog = compile_site(graph, names, here)
+                if prog is not None:
+                    a.programs[key] = prog
+            _check_sites(a)
+    a.diagnostics.extend(registry.check_graph(GraphView(a)))
+    return a
+
+
+def validate(graph: Graph, registry: Registry | None = None, model: nn.Module | None = None) -> list[Diagnostic]:
+    """Every problem with ``graph`` (on ``model``, when given), without raising."""
+    from .api import default_registry
+
+    return analyse(graph, registry or default_registry(), model).diagnostics
+
+
+__all__ = ["COMMUTING", "Analysis", "GraphView", "analyse", "commute", "validate", "KINDS"]

@@ -1,0 +1,20 @@
+"""Built-in site builders: the default answer to ``build_site`` for standard layers.
+
+They answer last (``trylast``), so a plugin can build sites for quantised or custom layers.
+"""
+
+from __future__ import annotations
+
+from composer.runtime import SiteBuild
+from composer.runtime.linear import LinearSite
+from composer.sites import is_linear
+from registry import hookimpl
+
+
+@hookimpl(trylast=True)
+def build_site(base, family, site: SiteBuild):
+    if family == "linear" and is_linear(base):
+        built = LinearSite(base, site.info, site.program, has_scale_in="linear.scale_in" in site.kinds)
+        built.state = site.state
+        return built
+    return None

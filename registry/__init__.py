@@ -1,0 +1,46 @@
+"""adapter-composer's plugin system.
+
+Build a registry explicitly with :func:`load_registry`; nothing happens at import time.
+Plugins implement the hooks in :mod:`registry.hookspecs`, marked with :data:`hookimpl`.
+"""
+
+from .core import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, Registry, load_registry
+from .errors import PluginError, RegistryError
+from .hookspecs import hookimpl, hookspec
+from .records import (
+    KINDS,
+    ArchitectureRecord,
+    AttentionGeometry,
+    Capabilities,
+    Diagnostic,
+    MethodRecord,
+    Module,
+    OperatorRecord,
+    PluginInfo,
+    RuleSet,
+    Slice,
+    Sublayer,
+)
+
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "ENTRY_POINT_GROUP",
+    "KINDS",
+    "ArchitectureRecord",
+    "AttentionGeometry",
+    "Capabilities",
+    "Diagnostic",
+    "MethodRecord",
+    "Module",
+    "OperatorRecord",
+    "PluginError",
+    "PluginInfo",
+    "Registry",
+    "RegistryError",
+    "RuleSet",
+    "Slice",
+    "Sublayer",
+    "hookimpl",
+    "hookspec",
+    "load_registry",
+]
