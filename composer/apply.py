@@ -14,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 from registry import Registry
 
 from .plan import Leaf, OpNode, Plan, Program, SitePlan
-from .runtime import SiteBuild
+from .runtime import CONTAINER_ATTR, Container, SharedRef, SiteBuild
 from .runtime.linear import Leaf as LinearLeaf
 from .runtime.state import CallState
 from .sites import SiteInfo
@@ -42,6 +42,10 @@ class Runtime:
     shared: dict[str, nn.Module] = field(default_factory=dict)  # operator node -> shared module
     method_shared: dict[str, nn.Module] = field(default_factory=dict)  # adapter -> module shared by its sites
     sites: dict[tuple[str, str], nn.Module] = field(default_factory=dict)  # (path, family) -> site module
+    container: Container = field(default_factory=Container)
+
+    def all_modules(self) -> list[nn.Module]:
+        return [*self.sites.values(), self.container]
 
 
 @dataclass
@@ -62,8 +66,10 @@ def build_adapter(analysis: Analysis, name: str, rt: Runtime) -> None:
     infos = analysis.sites[name]
     shared = None
     if method.shared is not None:
-        shared = method.shared(config, infos)
-        rt.method_shared[name] = shared
+        module = method.shared(config, infos)
+        rt.method_shared[name] = module
+        rt.container.methods[name] = module
+        shared = SharedRef(module)
     modules: dict[str, nn.Module] = {}
     by_key: dict[str, SiteInfo] = {}
     for info in infos:
@@ -95,8 +101,10 @@ def build_node(analysis: Analysis, rt: Runtime, prog: Program, sp: SitePlan, sta
     if not prog.implicit and prog.node not in rt.shared and record.shared is not None:
         n = len(analysis.graph.spec(prog.node).children)
         rt.shared[prog.node] = record.shared(options, n)
+        rt.container.operators[prog.node] = rt.shared[prog.node]
     ctx = NodeContext(prog.node, sp.path, sp.family, prog.present, state, info)
-    return record.families[sp.family](children, options, prog.keys, rt.shared.get(prog.node), ctx)
+    shared = SharedRef(rt.shared[prog.node]) if prog.node in rt.shared else None
+    return record.families[sp.family](children, options, prog.keys, shared, ctx)
 
 
 def build_runtime(analysis: Analysis, plan: Plan, state: CallState) -> Runtime:
@@ -126,7 +134,7 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 def patch_model(model: nn.Module, rt: Runtime, state: CallState) -> Patch:
     """Freeze the base, swap the site modules in, and return how to undo it."""
     patch = Patch()
-    adapter_params = {id(p) for m in rt.sites.values() for p in m.parameters()} - {id(p) for p in model.parameters()}
+    adapter_params = {id(p) for m in rt.all_modules() for p in m.parameters()} - {id(p) for p in model.parameters()}
     try:
         for p in model.parameters():
             patch.requires_grad.append((p, p.requires_grad))
@@ -139,7 +147,12 @@ def patch_model(model: nn.Module, rt: Runtime, state: CallState) -> Patch:
                 patch.swaps.append((parent, attr, original, site))
             else:
                 raise NotImplementedError(f"no way to apply site family {family!r}")
-        for m in rt.sites.values():
+        if not rt.container.is_empty():
+            if hasattr(model, CONTAINER_ATTR):
+                raise RuntimeError(f"the model already has an attribute {CONTAINER_ATTR!r}")
+            model.add_module(CONTAINER_ATTR, rt.container)
+            patch.added_attrs.append((model, CONTAINER_ATTR))
+        for m in rt.all_modules():
             for p in m.parameters():
                 if id(p) in adapter_params:
                     p.requires_grad_(True)

@@ -167,7 +167,7 @@ class Composed:
         """All trainable parameters of the composition (adapters and operator weights)."""
         seen: set[int] = set()
         out = []
-        for module in self._rt.sites.values():
+        for module in self._rt.all_modules():
             for p in module.parameters():
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))

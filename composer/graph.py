@@ -24,6 +24,7 @@ from registry import Diagnostic
 from .errors import CompositionError
 
 FORMAT = "adapter-composer.graph"
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$"
 VERSION = 1
 
 
@@ -32,7 +33,7 @@ class AdapterSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     type: Literal["adapter"] = "adapter"
-    name: str = Field(min_length=1, description="unique name of the adapter")
+    name: str = Field(pattern=NAME_PATTERN, description="unique name: letters, digits, '_' and '-'")
     method: str = Field(min_length=1, description="registered method name, e.g. 'lora'")
     targets: tuple[str, ...] | None = Field(
         None, description="roles ('attn.q'), module names ('q_proj') or regexes ('re:...'); None: the method's default"
@@ -46,7 +47,7 @@ class OperatorSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     type: Literal["operator"] = "operator"
-    name: str = Field(min_length=1)
+    name: str = Field(pattern=NAME_PATTERN, description="unique name: letters, digits, '_' and '-'")
     operator: str = Field(min_length=1, description="registered operator name, e.g. 'stack'")
     children: tuple[str, ...] = Field(description="child node names, in order")
     keys: tuple[str, ...] | None = Field(None, description="routing keys, one per child (route only)")
@@ -88,7 +89,8 @@ class Graph:
         """Declare an adapter ``name`` of ``method``; keyword arguments are its config."""
         if isinstance(targets, str):
             targets = [targets]
-        spec = AdapterSpec(
+        spec = _spec(
+            AdapterSpec,
             name=name,
             method=method,
             targets=None if targets is None else tuple(targets),
@@ -105,7 +107,8 @@ class Graph:
             while name in self._specs:
                 self._counter += 1
                 name = f"{operator}_{self._counter}"
-        spec = OperatorSpec(
+        spec = _spec(
+            OperatorSpec,
             name=name,
             operator=operator,
             children=tuple(_name_of(c) for c in children),
@@ -298,6 +301,23 @@ class Graph:
                 [Diagnostic(code="bad-graph-file", message=f"graph JSON does not parse: {exc}")], "reading a graph"
             ) from None
         return cls.from_dict(data)
+
+
+def _spec(model: type, **fields: Any) -> Spec:
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CompositionError(
+            [
+                Diagnostic(
+                    code="bad-node",
+                    message=f"cannot declare {fields.get('name')!r}: {detail}",
+                    nodes=(str(fields.get("name")),),
+                    rule="names use letters, digits, '_' and '-'; targets are strings; layers are integers",
+                )
+            ]
+        ) from None
 
 
 def duplicate_diagnostic(name: str, existing: Spec) -> Diagnostic:

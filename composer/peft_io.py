@@ -1,8 +1,18 @@
 """Import from and export to HF PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-The host handles files and key names (``base_model.model.<module path>.<tensor>``); each
-method's codec (``register.method(..., peft=codec)``) translates its config and names its
-tensors. ``peft`` itself is never imported.
+The host handles files; each method's codec (``register.method(..., peft=codec)``)
+translates its config and its tensor names. A codec has:
+
+    peft_types                      PEFT's ``peft_type`` values it reads
+    from_peft(peft_config) -> dict  our config (keyword arguments) from adapter_config.json
+    to_peft(config, sites) -> dict  adapter_config.json for an adapter at these sites
+    tensor_names                    PEFT tensor suffix -> our tensor name, for per-module
+                                    tensors ``base_model.model.<module path>.<suffix>``
+    split_tensors(raw), join_tensors(handle, sites)   optional, for other layouts (shared
+                                    or model-level tensors); see :func:`split_tensors`.
+
+Tensors are grouped by *where* they belong: a module path (a site), ``"shared"`` (the
+adapter's shared module) or ``"model"`` (a model-level site). ``peft`` is never imported.
 """
 
 from __future__ import annotations
@@ -40,20 +50,49 @@ class PeftAdapter:
 
     def declare(self, graph: Graph, name: str) -> str:
         """Declare this adapter in ``graph`` under ``name``."""
-        return graph.adapter(name, self.method, targets=list(self.targets), **dict(self.config))
+        targets = list(self.targets) if self.targets else None
+        return graph.adapter(name, self.method, targets=targets, **dict(self.config))
 
     def load_into(self, composed: Any, name: str) -> None:
         """Copy the weights into adapter ``name`` of ``composed`` (checked first)."""
         handle = composed.adapters[name]
-        tensors = {f"{key}.{t}": v for key, module in handle.modules.items() for t, v in self._for(key).items()}
+        tensors = {f"{key}.{t}": v for key in handle.modules for t, v in self._for(key).items()}
+        tensors.update({f"shared.{t}": v for t, v in self.tensors.get("shared", {}).items()})
         problems = check_tensors(f"{self.source}", tensors, handle.expected_shapes())
         if problems:
             raise AdapterFileError("the PEFT adapter does not fit the model:\n  " + "\n  ".join(problems))
         handle.load_tensors(tensors)
 
     def _for(self, key: str) -> Mapping[str, torch.Tensor]:
-        path = key[len("module.") :] if key.startswith("module.") else key
-        return self.tensors.get(path, {})
+        where = key[len("module.") :] if key.startswith("module.") else key
+        return self.tensors.get(where, {})
+
+
+def split_tensors(raw: Mapping[str, torch.Tensor], names: Mapping[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group ``base_model.model.<path>.<suffix>`` tensors by module path, renamed to ours."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in raw.items():
+        if not key.startswith(PREFIX):
+            raise ValueError(f"tensor {key!r} does not start with {PREFIX!r}")
+        body = key[len(PREFIX) :]
+        for suffix, ours in names.items():
+            if body.endswith("." + suffix):
+                out.setdefault(body[: -len(suffix) - 1], {})[ours] = value
+                break
+        else:
+            raise ValueError(f"tensor {key!r} is not one this method has ({sorted(names)})")
+    return out
+
+
+def join_tensors(handle: Any, sites: list[Any], names: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`split_tensors` for an adapter's per-site modules."""
+    ours_to_peft = {v: k for k, v in names.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for info in sites:
+        for t, value in handle.modules[info.key].state_dict().items():
+            if t in ours_to_peft:
+                tensors[f"{PREFIX}{info.path}.{ours_to_peft[t]}"] = value
+    return tensors
 
 
 def _method_for(registry: Registry, peft_type: str) -> MethodRecord:
@@ -83,19 +122,13 @@ def read_peft(directory: str | Path, *, registry: Registry | None = None) -> Pef
     except ValueError as exc:
         raise AdapterFileError(f"{cfg_path}: {exc}") from None
     raw = read_safetensors(directory / WEIGHTS)
-    names: Mapping[str, str] = method.peft.tensor_names
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in raw.items():
-        if not key.startswith(PREFIX):
-            raise AdapterFileError(f"{directory / WEIGHTS}: tensor {key!r} does not start with {PREFIX!r}")
-        body = key[len(PREFIX) :]
-        for suffix, ours in names.items():
-            if body.endswith("." + suffix):
-                tensors.setdefault(body[: -len(suffix) - 1], {})[ours] = value
-                break
-        else:
-            raise AdapterFileError(f"{directory / WEIGHTS}: tensor {key!r} is not one a {method.name} adapter has ({sorted(names)})")
-    return PeftAdapter(method.name, config, tuple(sorted(tensors)), tensors, directory)
+    codec = method.peft
+    try:
+        tensors = codec.split_tensors(raw) if hasattr(codec, "split_tensors") else split_tensors(raw, codec.tensor_names)
+    except ValueError as exc:
+        raise AdapterFileError(f"{directory / WEIGHTS}: {exc}") from None
+    targets = tuple(sorted(w for w in tensors if w not in ("shared", "model")))
+    return PeftAdapter(method.name, config, targets, tensors, directory)
 
 
 def from_peft(model: nn.Module, directory: str | Path, name: str = "default", *, registry: Registry | None = None) -> Any:
@@ -128,13 +161,8 @@ def export_peft(composed: Any, name: str, directory: Path) -> Path:
             f"adapter {name!r} acts on parts of fused layers ({', '.join(sliced[:4])}), which PEFT cannot express; "
             "target the fused module (e.g. 'attn.qkv' on GPT-2) to export it"
         )
-    ours_to_peft = {v: k for k, v in record.peft.tensor_names.items()}
-    tensors: dict[str, torch.Tensor] = {}
-    for info in infos:
-        for t, value in handle.modules[info.key].state_dict().items():
-            if t not in ours_to_peft:
-                continue
-            tensors[f"{PREFIX}{info.path}.{ours_to_peft[t]}"] = value
+    codec = record.peft
+    tensors = codec.join_tensors(handle, infos) if hasattr(codec, "join_tensors") else join_tensors(handle, infos, codec.tensor_names)
     peft_config = record.peft.to_peft(handle.config, infos)
     files = {
         WEIGHTS: lambda p, t=_contiguous(tensors): save_file(t, str(p), metadata={"format": "pt"}),

@@ -54,14 +54,14 @@ class SumWeights(nn.Module):
 
 
 class SumNode(nn.Module):
-    def __init__(self, children: list[nn.Module], weights: SumWeights, index: list[int]):
+    def __init__(self, children: list[nn.Module], weights: Any, index: list[int]):
         super().__init__()
         self.items = nn.ModuleList(children)
-        self.shared = weights
+        self.shared = weights  # a SharedRef to the node's SumWeights
         self.index = index  # which of the node's weights each present child uses
 
     def _coefs(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        w = self.shared.weights.to(dtype)
+        w = self.shared().weights.to(dtype)
         return [w[i] for i in self.index]
 
     def linear_nf(self, x, call):
@@ -71,12 +71,12 @@ class SumNode(nn.Module):
         return fold_weighted(self._coefs(torch.float32), [c.linear_fold(site) for c in self.items])
 
 
-def _stack(children, options, keys, shared, site):
+def _stack(children, options, keys, shared, ctx):
     return StackNode(children)
 
 
-def _sum(children, options, keys, shared, site):
-    return SumNode(children, shared, list(site["present"]))
+def _sum(children, options, keys, shared, ctx):
+    return SumNode(children, shared, list(ctx.present))
 
 
 def _sum_shared(options: SumOptions, n_children: int) -> SumWeights:

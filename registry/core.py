@@ -29,6 +29,11 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.operators",
     "plugins.architectures",
     "plugins.lora",
+    "plugins.ia3",
+    "plugins.vera",
+    "plugins.adalora",
+    "plugins.loftq",
+    "plugins.galore",
 )
 
 

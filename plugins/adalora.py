@@ -1,0 +1,1 @@
+"""adalora plugin (being written)."""

@@ -1,0 +1,1 @@
+"""galore plugin (being written)."""

@@ -1,0 +1,1 @@
+"""ia3 plugin (being written)."""

@@ -1,0 +1,1 @@
+"""loftq plugin (being written)."""

@@ -1,0 +1,1 @@
+"""vera plugin (being written)."""

@@ -1,0 +1,112 @@
+"""Tiny random transformers models, built offline from configs (fp32, eval mode)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    RobertaConfig,
+    RobertaModel,
+)
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
+    torch.manual_seed(seed)
+    cfg = MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, sliding_window=None,
+    )
+    return MistralForCausalLM(cfg).eval()
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=96, max_position_embeddings=128,
+    )
+    return BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def tiny_roberta(seed: int = 0) -> RobertaModel:
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=96, max_position_embeddings=130, pad_token_id=1,
+    )
+    return RobertaModel(cfg, add_pooling_layer=False).eval()
+
+
+BUILDERS = {
+    "llama": tiny_llama,
+    "mistral": tiny_mistral,
+    "qwen2": tiny_qwen2,
+    "gpt2": tiny_gpt2,
+    "bert": tiny_bert,
+    "roberta": tiny_roberta,
+}
+
+
+def inputs(batch: int = 2, length: int = 9, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def output(model, batch) -> torch.Tensor:
+    """Logits for LMs, the last hidden state for encoders."""
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+def randomize(composed, std: float = 0.2, seed: int = 0) -> None:
+    """Give every adapter parameter non-trivial values (fresh adapters are the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in composed.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def state_copy(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model, saved) -> bool:
+    now = model.state_dict()
+    return set(now) == set(saved) and all(torch.equal(now[k], saved[k]) for k in saved)
