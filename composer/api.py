@@ -29,13 +29,25 @@ def make_plan(analysis: Analysis) -> Plan:
     model = analysis.model
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     sites = []
-    for (path, family), prog in sorted(analysis.programs.items(), key=lambda kv: (order.get(kv[0][0], -1), kv[0][1])):
+    for (path, family), prog in sorted(
+        analysis.programs.items(), key=lambda kv: (order.get(kv[0][0], -1), kv[0][1])
+    ):
         module = model.get_submodule(path) if path else model
         fan_in, fan_out = linear_shape(module) if is_linear(module) else (0, 0)
         input_path = None
         if family == "sublayer":
-            input_path = next((i.input_path for infos in analysis.sites.values() for i in infos if i.path == path), None)
-        sites.append(SitePlan(path, family, type(module).__name__, fan_in, fan_out, prog, input_path))
+            input_path = next(
+                (
+                    i.input_path
+                    for infos in analysis.sites.values()
+                    for i in infos
+                    if i.path == path
+                ),
+                None,
+            )
+        sites.append(
+            SitePlan(path, family, type(module).__name__, fan_in, fan_out, prog, input_path)
+        )
     adapters = tuple(
         AdapterPlan(
             name=name,
@@ -89,4 +101,6 @@ def compose(model: nn.Module, graph: Graph, *, registry: Registry | None = None)
     state = CallState()
     runtime = build_runtime(analysis, the_plan, state)
     patch = patch_model(model, runtime, state)
-    return Composed(model, graph.copy(), the_plan, registry, analysis, runtime, patch, state, print_)
+    return Composed(
+        model, graph.copy(), the_plan, registry, analysis, runtime, patch, state, print_
+    )

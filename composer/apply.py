@@ -7,6 +7,7 @@ a failure during the swaps rolls back the ones already made.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -37,11 +38,17 @@ class NodeContext:
 class Runtime:
     """Modules built for a plan, before any of them is put into the model."""
 
-    adapters: dict[str, dict[str, nn.Module]] = field(default_factory=dict)  # adapter -> key -> module
+    adapters: dict[str, dict[str, nn.Module]] = field(
+        default_factory=dict
+    )  # adapter -> key -> module
     infos: dict[str, dict[str, SiteInfo]] = field(default_factory=dict)  # adapter -> key -> site
     shared: dict[str, nn.Module] = field(default_factory=dict)  # operator node -> shared module
-    method_shared: dict[str, nn.Module] = field(default_factory=dict)  # adapter -> module shared by its sites
-    sites: dict[tuple[str, str], nn.Module] = field(default_factory=dict)  # (path, family) -> site module
+    method_shared: dict[str, nn.Module] = field(
+        default_factory=dict
+    )  # adapter -> module shared by its sites
+    sites: dict[tuple[str, str], nn.Module] = field(
+        default_factory=dict
+    )  # (path, family) -> site module
     container: Container = field(default_factory=Container)
 
     def all_modules(self) -> list[nn.Module]:
@@ -73,9 +80,13 @@ def build_adapter(analysis: Analysis, name: str, rt: Runtime) -> None:
     modules: dict[str, nn.Module] = {}
     by_key: dict[str, SiteInfo] = {}
     for info in infos:
-        module = method.build(config, info) if shared is None else method.build(config, info, shared)
+        module = (
+            method.build(config, info) if shared is None else method.build(config, info, shared)
+        )
         if not isinstance(module, nn.Module):
-            raise TypeError(f"method {method.name!r} (plugin {method.plugin!r}) built {type(module).__name__}, not an nn.Module, for {info.key}")
+            raise TypeError(
+                f"method {method.name!r} (plugin {method.plugin!r}) built {type(module).__name__}, not an nn.Module, for {info.key}"
+            )
         modules[info.key] = module.to(device=info.device)
         by_key[info.key] = info
     rt.adapters[name] = modules
@@ -90,7 +101,14 @@ def _leaf(rt: Runtime, leaf: Leaf, family: str, sp: SitePlan) -> nn.Module:
     raise NotImplementedError(f"no runtime for site family {family!r}")
 
 
-def build_node(analysis: Analysis, rt: Runtime, prog: Program, sp: SitePlan, state: CallState, info: SiteInfo | None) -> nn.Module:
+def build_node(
+    analysis: Analysis,
+    rt: Runtime,
+    prog: Program,
+    sp: SitePlan,
+    state: CallState,
+    info: SiteInfo | None,
+) -> nn.Module:
     if isinstance(prog, Leaf):
         return _leaf(rt, prog, sp.family, sp)
     assert isinstance(prog, OpNode)
@@ -121,7 +139,15 @@ def build_runtime(analysis: Analysis, plan: Plan, state: CallState) -> Runtime:
         program = build_node(analysis, rt, sp.program, sp, state, info)
         base = model.get_submodule(sp.path) if sp.path else model
         kinds = {leaf.kind for leaf in sp.program.leaves()}
-        build = SiteBuild(path=sp.path, family=sp.family, plan=sp, program=program, state=state, kinds=frozenset(kinds), info=info)
+        build = SiteBuild(
+            path=sp.path,
+            family=sp.family,
+            plan=sp,
+            program=program,
+            state=state,
+            kinds=frozenset(kinds),
+            info=info,
+        )
         rt.sites[(sp.path, sp.family)] = analysis.registry.build_site(base, sp.family, build)
     return rt
 
@@ -134,7 +160,9 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 def patch_model(model: nn.Module, rt: Runtime, state: CallState) -> Patch:
     """Freeze the base, swap the site modules in, and return how to undo it."""
     patch = Patch()
-    adapter_params = {id(p) for m in rt.all_modules() for p in m.parameters()} - {id(p) for p in model.parameters()}
+    adapter_params = {id(p) for m in rt.all_modules() for p in m.parameters()} - {
+        id(p) for p in model.parameters()
+    }
     try:
         for p in model.parameters():
             patch.requires_grad.append((p, p.requires_grad))
@@ -153,6 +181,7 @@ def patch_model(model: nn.Module, rt: Runtime, state: CallState) -> Patch:
             model.add_module(CONTAINER_ATTR, rt.container)
             patch.added_attrs.append((model, CONTAINER_ATTR))
         for m in rt.all_modules():
+            m.train(model.training)  # new modules start in training mode; follow the model
             for p in m.parameters():
                 if id(p) in adapter_params:
                     p.requires_grad_(True)

@@ -24,7 +24,14 @@ from .validate import Analysis
 class AdapterHandle:
     """One adapter of a composition: its config and its modules, keyed by site."""
 
-    def __init__(self, name: str, method: str, config: Any, modules: Mapping[str, nn.Module], shared: nn.Module | None):
+    def __init__(
+        self,
+        name: str,
+        method: str,
+        config: Any,
+        modules: Mapping[str, nn.Module],
+        shared: nn.Module | None,
+    ):
         self.name = name
         self.method = method
         self.config = config
@@ -100,7 +107,9 @@ class ParameterReport:
         rows += [(f"operator {k}", v) for k, v in self.per_operator.items()]
         width = max([len(r[0]) for r in rows] + [len("base model (frozen)")])
         lines = [f"{name:<{width}}  {n:>12,}" for name, n in rows]
-        lines.append(f"{'trainable total':<{width}}  {self.trainable:>12,}  ({self.percent:.4f}% of the base)")
+        lines.append(
+            f"{'trainable total':<{width}}  {self.trainable:>12,}  ({self.percent:.4f}% of the base)"
+        )
         lines.append(f"{'base model (frozen)':<{width}}  {self.base:>12,}")
         return "\n".join(lines)
 
@@ -130,7 +139,13 @@ class Composed:
         self.state = state
         self.fingerprint = fingerprint
         self.adapters: dict[str, AdapterHandle] = {
-            name: AdapterHandle(name, analysis.methods[name].name, analysis.configs[name], mods, runtime.method_shared.get(name))
+            name: AdapterHandle(
+                name,
+                analysis.methods[name].name,
+                analysis.configs[name],
+                mods,
+                runtime.method_shared.get(name),
+            )
             for name, mods in runtime.adapters.items()
         }
 
@@ -186,7 +201,9 @@ class Composed:
                 params = [p for p in group["params"] if p.requires_grad and id(p) not in claimed]
                 claimed.update(id(p) for p in params)
                 if params:
-                    groups.append({"weight_decay": weight_decay, **group, "params": params, "adapter": name})
+                    groups.append(
+                        {"weight_decay": weight_decay, **group, "params": params, "adapter": name}
+                    )
         rest = [p for p in self.parameters() if id(p) not in claimed]
         if rest:
             groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay})
@@ -194,7 +211,10 @@ class Composed:
 
     def trainable_parameters(self) -> ParameterReport:
         per_adapter = {n: h.num_parameters(trainable_only=True) for n, h in self.adapters.items()}
-        per_operator = {n: sum(p.numel() for p in m.parameters() if p.requires_grad) for n, m in self._rt.shared.items()}
+        per_operator = {
+            n: sum(p.numel() for p in m.parameters() if p.requires_grad)
+            for n, m in self._rt.shared.items()
+        }
         per_operator = {k: v for k, v in per_operator.items() if v}
         trainable = sum(p.numel() for p in self.parameters())
         adapter_ids = {id(p) for p in self.parameters()}
@@ -213,7 +233,13 @@ class Composed:
             reasons = _unfoldable(prog, self._analysis)
             if reasons:
                 problems.extend(
-                    Diagnostic(code="merge-not-exact", message=f"{msg} (site {path})", nodes=nodes, sites=(path,), fix=fix)
+                    Diagnostic(
+                        code="merge-not-exact",
+                        message=f"{msg} (site {path})",
+                        nodes=nodes,
+                        sites=(path,),
+                        fix=fix,
+                    )
                     for msg, nodes, fix in reasons
                 )
             else:
@@ -299,9 +325,21 @@ def _unfoldable(prog: Program, analysis: Analysis) -> list[tuple[str, tuple[str,
         if isinstance(p, Leaf):
             method = analysis.methods[p.adapter]
             if under is not None:
-                out.append((f"adapter {p.adapter!r} sits inside {under}, whose output depends on the input", (p.adapter,), "merge is exact only for stack and sum"))
+                out.append(
+                    (
+                        f"adapter {p.adapter!r} sits inside {under}, whose output depends on the input",
+                        (p.adapter,),
+                        "merge is exact only for stack and sum",
+                    )
+                )
             elif not method.capabilities.mergeable:
-                out.append((f"method {method.name} of adapter {p.adapter!r} is not mergeable", (p.adapter,), "merge(partial=True) leaves it active"))
+                out.append(
+                    (
+                        f"method {method.name} of adapter {p.adapter!r} is not mergeable",
+                        (p.adapter,),
+                        "merge(partial=True) leaves it active",
+                    )
+                )
             return
         assert isinstance(p, OpNode)
         record = analysis.registry.operators.get("stack" if p.implicit else p.operator)

@@ -36,9 +36,12 @@ class AdapterSpec(BaseModel):
     name: str = Field(pattern=NAME_PATTERN, description="unique name: letters, digits, '_' and '-'")
     method: str = Field(min_length=1, description="registered method name, e.g. 'lora'")
     targets: tuple[str, ...] | None = Field(
-        None, description="roles ('attn.q'), module names ('q_proj') or regexes ('re:...'); None: the method's default"
+        None,
+        description="roles ('attn.q'), module names ('q_proj') or regexes ('re:...'); None: the method's default",
     )
-    layers: tuple[int, ...] | None = Field(None, description="layer indices to act on; None: all layers")
+    layers: tuple[int, ...] | None = Field(
+        None, description="layer indices to act on; None: all layers"
+    )
     config: dict[str, Any] = Field(default_factory=dict, description="the method's configuration")
 
 
@@ -50,7 +53,9 @@ class OperatorSpec(BaseModel):
     name: str = Field(pattern=NAME_PATTERN, description="unique name: letters, digits, '_' and '-'")
     operator: str = Field(min_length=1, description="registered operator name, e.g. 'stack'")
     children: tuple[str, ...] = Field(description="child node names, in order")
-    keys: tuple[str, ...] | None = Field(None, description="routing keys, one per child (route only)")
+    keys: tuple[str, ...] | None = Field(
+        None, description="routing keys, one per child (route only)"
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="the operator's options")
 
 
@@ -94,12 +99,19 @@ class Graph:
             name=name,
             method=method,
             targets=None if targets is None else tuple(targets),
-            layers=None if layers is None else tuple(int(i) for i in layers),
+            layers=None if layers is None else tuple(layers),
             config=config,
         )
         return self._add(spec)
 
-    def op(self, operator: str, *children: Any, name: str | None = None, keys: Sequence[str] | None = None, **options: Any) -> Node:
+    def op(
+        self,
+        operator: str,
+        *children: Any,
+        name: str | None = None,
+        keys: Sequence[str] | None = None,
+        **options: Any,
+    ) -> Node:
         """Declare a node of any registered operator (``stack``/``sum``/``mix``/``route`` have shortcuts)."""
         if name is None:
             self._counter += 1
@@ -121,7 +133,13 @@ class Graph:
         """Apply children in order at every site they share (prefixes concatenate in order)."""
         return self.op("stack", *children, name=name)
 
-    def sum(self, *children: Any, weights: Sequence[float] | None = None, name: str | None = None, **options: Any) -> Node:
+    def sum(
+        self,
+        *children: Any,
+        weights: Sequence[float] | None = None,
+        name: str | None = None,
+        **options: Any,
+    ) -> Node:
         """Weighted sum of the children's effects: W x + Σ wᵢ Δᵢ(x)."""
         if weights is not None:
             options["weights"] = list(weights)
@@ -242,7 +260,9 @@ class Graph:
         return {
             "format": FORMAT,
             "version": VERSION,
-            "nodes": [s.model_dump(mode="json", exclude_defaults=False) for s in self._specs.values()],
+            "nodes": [
+                s.model_dump(mode="json", exclude_defaults=False) for s in self._specs.values()
+            ],
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -272,17 +292,30 @@ class Graph:
         graph = cls()
         for i, raw in enumerate(data.get("nodes", [])):
             kind = raw.get("type") if isinstance(raw, dict) else None
-            model = AdapterSpec if kind == "adapter" else OperatorSpec if kind == "operator" else None
+            model = (
+                AdapterSpec if kind == "adapter" else OperatorSpec if kind == "operator" else None
+            )
             if model is None:
                 problems.append(
-                    Diagnostic(code="bad-graph-file", message=f"node #{i} has type {kind!r}; expected 'adapter' or 'operator'")
+                    Diagnostic(
+                        code="bad-graph-file",
+                        message=f"node #{i} has type {kind!r}; expected 'adapter' or 'operator'",
+                    )
                 )
                 continue
             try:
                 spec = model.model_validate(raw)
             except ValidationError as exc:
-                detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-                problems.append(Diagnostic(code="bad-graph-file", message=f"node #{i}: {detail}", nodes=(str(raw.get("name", "?")),)))
+                detail = "; ".join(
+                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+                )
+                problems.append(
+                    Diagnostic(
+                        code="bad-graph-file",
+                        message=f"node #{i}: {detail}",
+                        nodes=(str(raw.get("name", "?")),),
+                    )
+                )
                 continue
             if spec.name in graph._specs:
                 problems.append(duplicate_diagnostic(spec.name, graph._specs[spec.name]))
@@ -298,7 +331,8 @@ class Graph:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CompositionError(
-                [Diagnostic(code="bad-graph-file", message=f"graph JSON does not parse: {exc}")], "reading a graph"
+                [Diagnostic(code="bad-graph-file", message=f"graph JSON does not parse: {exc}")],
+                "reading a graph",
             ) from None
         return cls.from_dict(data)
 
@@ -321,7 +355,11 @@ def _spec(model: type, **fields: Any) -> Spec:
 
 
 def duplicate_diagnostic(name: str, existing: Spec) -> Diagnostic:
-    what = f"adapter of method {existing.method!r}" if isinstance(existing, AdapterSpec) else f"{existing.operator} node"
+    what = (
+        f"adapter of method {existing.method!r}"
+        if isinstance(existing, AdapterSpec)
+        else f"{existing.operator} node"
+    )
     return Diagnostic(
         code="duplicate-name",
         message=f"the name {name!r} is already used by an {what}",

@@ -53,11 +53,16 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
 def fingerprint_differences(saved: Mapping[str, Any], model: nn.Module) -> list[str]:
     """What differs between a saved fingerprint and ``model`` (empty when they match)."""
     now = fingerprint(model)
-    if saved.get("shapes_sha256") == now["shapes_sha256"] and saved.get("model_type") == now["model_type"]:
+    if (
+        saved.get("shapes_sha256") == now["shapes_sha256"]
+        and saved.get("model_type") == now["model_type"]
+    ):
         return []
     out = []
     if saved.get("model_type") != now["model_type"]:
-        out.append(f"model type: saved on {saved.get('model_type')!r}, this model is {now['model_type']!r}")
+        out.append(
+            f"model type: saved on {saved.get('model_type')!r}, this model is {now['model_type']!r}"
+        )
     old, new = saved.get("shapes", {}), now["shapes"]
     changed = [k for k in old if k in new and list(old[k]) != list(new[k])]
     for k in changed[:8]:
@@ -67,7 +72,9 @@ def fingerprint_differences(saved: Mapping[str, Any], model: nn.Module) -> list[
     missing = [k for k in old if k not in new]
     extra = [k for k in new if k not in old]
     if missing:
-        out.append(f"{len(missing)} parameter(s) of the saved base are missing here, e.g. {missing[:3]}")
+        out.append(
+            f"{len(missing)} parameter(s) of the saved base are missing here, e.g. {missing[:3]}"
+        )
     if extra:
         out.append(f"{len(extra)} parameter(s) here were not in the saved base, e.g. {extra[:3]}")
     return out or ["the parameter shapes differ"]
@@ -93,7 +100,9 @@ def write_directory_atomically(directory: Path, files: Mapping[str, Any], marker
             raise AdapterFileError(f"{directory} exists and is not a directory")
         entries = list(directory.iterdir())
         if entries and not (directory / marker).exists():
-            raise AdapterFileError(f"{directory} is a non-empty directory without {marker}; refusing to overwrite it")
+            raise AdapterFileError(
+                f"{directory} is a non-empty directory without {marker}; refusing to overwrite it"
+            )
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -125,7 +134,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterFileError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from None
+        raise AdapterFileError(
+            f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}"
+        ) from None
 
 
 def check_tensors(
@@ -136,12 +147,20 @@ def check_tensors(
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:
-        problems.append(f"{where}: missing tensors {missing[:6]}" + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
+        problems.append(
+            f"{where}: missing tensors {missing[:6]}"
+            + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        )
     if extra:
-        problems.append(f"{where}: unexpected tensors {extra[:6]}" + (f" and {len(extra) - 6} more" if len(extra) > 6 else ""))
+        problems.append(
+            f"{where}: unexpected tensors {extra[:6]}"
+            + (f" and {len(extra) - 6} more" if len(extra) > 6 else "")
+        )
     for k in sorted(set(expected) & set(tensors)):
         if tuple(tensors[k].shape) != tuple(expected[k]):
-            problems.append(f"{where}: tensor {k} has shape {tuple(tensors[k].shape)}, the model needs {tuple(expected[k])}")
+            problems.append(
+                f"{where}: tensor {k} has shape {tuple(tensors[k].shape)}, the model needs {tuple(expected[k])}"
+            )
     return problems
 
 
@@ -158,7 +177,9 @@ def save_composition(composed: Any, directory: Path) -> Path:
     for name, handle in composed.adapters.items():
         fname = _safe_filename(name) + ".safetensors"
         tensors = _contiguous(handle.state_dict())
-        files[fname] = lambda p, t=tensors, n=name, m=handle.method: save_file(t, str(p), metadata={"adapter": n, "method": m})
+        files[fname] = lambda p, t=tensors, n=name, m=handle.method: save_file(
+            t, str(p), metadata={"adapter": n, "method": m}
+        )
         adapters[name] = {"file": fname, "method": handle.method, "tensors": len(tensors)}
     operators = {}
     for node, module in composed._rt.shared.items():
@@ -166,12 +187,17 @@ def save_composition(composed: Any, directory: Path) -> Path:
         operators.update(tensors)
     if operators:
         tensors = _contiguous(operators)
-        files["operators.safetensors"] = lambda p, t=tensors: save_file(t, str(p), metadata={"content": "operator weights"})
+        files["operators.safetensors"] = lambda p, t=tensors: save_file(
+            t, str(p), metadata={"content": "operator weights"}
+        )
     registry: Registry = composed.registry
     methods = {}
     for handle in composed.adapters.values():
         record = registry.method(handle.method)
-        methods[handle.method] = {"plugin": record.plugin, "version": registry.plugin_version(record.plugin)}
+        methods[handle.method] = {
+            "plugin": record.plugin,
+            "version": registry.plugin_version(record.plugin),
+        }
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -196,11 +222,19 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise AdapterFileError(f"{path} is not an adapter-composer composition (format {FORMAT!r})")
     if manifest.get("version") != VERSION:
-        raise AdapterFileError(f"{path} has format version {manifest.get('version')!r}; this library reads {VERSION}")
+        raise AdapterFileError(
+            f"{path} has format version {manifest.get('version')!r}; this library reads {VERSION}"
+        )
     return manifest
 
 
-def load(model: nn.Module, directory: str | Path, *, registry: Registry | None = None, check_base: bool = True) -> Any:
+def load(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    registry: Registry | None = None,
+    check_base: bool = True,
+) -> Any:
     """Apply a saved composition to ``model`` and load its weights.
 
     Refuses a base model whose fingerprint differs (``check_base=False`` skips that check;
@@ -223,18 +257,35 @@ def load(model: nn.Module, directory: str | Path, *, registry: Registry | None =
         raise AdapterFileError(f"{directory / MANIFEST} holds an invalid graph:\n{exc}") from None
     entries = manifest.get("adapters", {})
     if set(entries) != set(graph.adapters):
-        raise AdapterFileError(f"{directory / MANIFEST}: adapter files {sorted(entries)} do not match the graph's adapters {sorted(graph.adapters)}")
+        raise AdapterFileError(
+            f"{directory / MANIFEST}: adapter files {sorted(entries)} do not match the graph's adapters {sorted(graph.adapters)}"
+        )
     files = {name: read_safetensors(directory / entry["file"]) for name, entry in entries.items()}
-    op_tensors = read_safetensors(directory / manifest["operators_file"]) if manifest.get("operators_file") else {}
+    op_tensors = (
+        read_safetensors(directory / manifest["operators_file"])
+        if manifest.get("operators_file")
+        else {}
+    )
     composed = compose(model, graph, registry=registry)
     try:
         problems = []
         for name, tensors in files.items():
-            problems += check_tensors(f"adapter {name!r} ({entries[name]['file']})", tensors, composed.adapters[name].expected_shapes())
-        expected_ops = {f"{node}.{k}": tuple(v.shape) for node, m in composed._rt.shared.items() for k, v in m.state_dict().items()}
+            problems += check_tensors(
+                f"adapter {name!r} ({entries[name]['file']})",
+                tensors,
+                composed.adapters[name].expected_shapes(),
+            )
+        expected_ops = {
+            f"{node}.{k}": tuple(v.shape)
+            for node, m in composed._rt.shared.items()
+            for k, v in m.state_dict().items()
+        }
         problems += check_tensors("operators.safetensors", op_tensors, expected_ops)
         if problems:
-            raise AdapterFileError(f"{directory} does not fit the composition it describes:\n  " + "\n  ".join(problems))
+            raise AdapterFileError(
+                f"{directory} does not fit the composition it describes:\n  "
+                + "\n  ".join(problems)
+            )
         for name, tensors in files.items():
             composed.adapters[name].load_tensors(tensors)
         _load_operator_tensors(composed, op_tensors)

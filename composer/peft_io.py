@@ -60,7 +60,9 @@ class PeftAdapter:
         tensors.update({f"shared.{t}": v for t, v in self.tensors.get("shared", {}).items()})
         problems = check_tensors(f"{self.source}", tensors, handle.expected_shapes())
         if problems:
-            raise AdapterFileError("the PEFT adapter does not fit the model:\n  " + "\n  ".join(problems))
+            raise AdapterFileError(
+                "the PEFT adapter does not fit the model:\n  " + "\n  ".join(problems)
+            )
         handle.load_tensors(tensors)
 
     def _for(self, key: str) -> Mapping[str, torch.Tensor]:
@@ -68,7 +70,9 @@ class PeftAdapter:
         return self.tensors.get(where, {})
 
 
-def split_tensors(raw: Mapping[str, torch.Tensor], names: Mapping[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+def split_tensors(
+    raw: Mapping[str, torch.Tensor], names: Mapping[str, str]
+) -> dict[str, dict[str, torch.Tensor]]:
     """Group ``base_model.model.<path>.<suffix>`` tensors by module path, renamed to ours."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in raw.items():
@@ -84,7 +88,9 @@ def split_tensors(raw: Mapping[str, torch.Tensor], names: Mapping[str, str]) -> 
     return out
 
 
-def join_tensors(handle: Any, sites: list[Any], names: Mapping[str, str]) -> dict[str, torch.Tensor]:
+def join_tensors(
+    handle: Any, sites: list[Any], names: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
     """The inverse of :func:`split_tensors` for an adapter's per-site modules."""
     ours_to_peft = {v: k for k, v in names.items()}
     tensors: dict[str, torch.Tensor] = {}
@@ -99,8 +105,12 @@ def _method_for(registry: Registry, peft_type: str) -> MethodRecord:
     for record in registry.methods.values():
         if record.peft is not None and peft_type in record.peft.peft_types:
             return record
-    known = sorted(t for r in registry.methods.values() if r.peft is not None for t in r.peft.peft_types)
-    raise AdapterFileError(f"no installed method reads PEFT adapters of type {peft_type!r}; readable types: {known}")
+    known = sorted(
+        t for r in registry.methods.values() if r.peft is not None for t in r.peft.peft_types
+    )
+    raise AdapterFileError(
+        f"no installed method reads PEFT adapters of type {peft_type!r}; readable types: {known}"
+    )
 
 
 def read_peft(directory: str | Path, *, registry: Registry | None = None) -> PeftAdapter:
@@ -124,14 +134,24 @@ def read_peft(directory: str | Path, *, registry: Registry | None = None) -> Pef
     raw = read_safetensors(directory / WEIGHTS)
     codec = method.peft
     try:
-        tensors = codec.split_tensors(raw) if hasattr(codec, "split_tensors") else split_tensors(raw, codec.tensor_names)
+        tensors = (
+            codec.split_tensors(raw)
+            if hasattr(codec, "split_tensors")
+            else split_tensors(raw, codec.tensor_names)
+        )
     except ValueError as exc:
         raise AdapterFileError(f"{directory / WEIGHTS}: {exc}") from None
     targets = tuple(sorted(w for w in tensors if w not in ("shared", "model")))
     return PeftAdapter(method.name, config, targets, tensors, directory)
 
 
-def from_peft(model: nn.Module, directory: str | Path, name: str = "default", *, registry: Registry | None = None) -> Any:
+def from_peft(
+    model: nn.Module,
+    directory: str | Path,
+    name: str = "default",
+    *,
+    registry: Registry | None = None,
+) -> Any:
     """Compose ``model`` with the PEFT adapter in ``directory`` under ``name``."""
     from .api import compose
 
@@ -153,7 +173,9 @@ def export_peft(composed: Any, name: str, directory: Path) -> Path:
     handle = composed.adapters[name]
     record = composed.registry.method(handle.method)
     if record.peft is None:
-        raise AdapterFileError(f"method {handle.method!r} has no PEFT equivalent, so adapter {name!r} cannot be exported")
+        raise AdapterFileError(
+            f"method {handle.method!r} has no PEFT equivalent, so adapter {name!r} cannot be exported"
+        )
     infos = list(composed._rt.infos[name].values())
     sliced = [i.key for i in infos if i.out_slice is not None]
     if sliced:
@@ -162,10 +184,15 @@ def export_peft(composed: Any, name: str, directory: Path) -> Path:
             "target the fused module (e.g. 'attn.qkv' on GPT-2) to export it"
         )
     codec = record.peft
-    tensors = codec.join_tensors(handle, infos) if hasattr(codec, "join_tensors") else join_tensors(handle, infos, codec.tensor_names)
+    tensors = (
+        codec.join_tensors(handle, infos)
+        if hasattr(codec, "join_tensors")
+        else join_tensors(handle, infos, codec.tensor_names)
+    )
     peft_config = record.peft.to_peft(handle.config, infos)
+    tensors = _contiguous(tensors)
     files = {
-        WEIGHTS: lambda p, t=_contiguous(tensors): save_file(t, str(p), metadata={"format": "pt"}),
+        WEIGHTS: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
         CONFIG: json.dumps(peft_config, indent=2).encode(),
     }
     return write_directory_atomically(directory, files, CONFIG)

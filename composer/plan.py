@@ -27,7 +27,13 @@ class Leaf:
     out_slice: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"adapter": self.adapter, "method": self.method, "kind": self.kind, "key": self.key, "out_slice": self.out_slice}
+        return {
+            "adapter": self.adapter,
+            "method": self.method,
+            "kind": self.kind,
+            "key": self.key,
+            "out_slice": self.out_slice,
+        }
 
     def leaves(self) -> Iterable[Leaf]:
         yield self
@@ -67,7 +73,9 @@ class OpNode:
 
     def render(self) -> str:
         if self.keys is not None:
-            inner = ", ".join(f"{k}→{c.render()}" for k, c in zip(self.keys, self.children, strict=True))
+            inner = ", ".join(
+                f"{k}→{c.render()}" for k, c in zip(self.keys, self.children, strict=True)
+            )
         else:
             inner = ", ".join(c.render() for c in self.children)
         name = "+" if self.implicit else self.operator
@@ -111,7 +119,13 @@ class AdapterPlan:
     keys: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "method": self.method, "plugin": self.plugin, "config": dict(self.config), "sites": list(self.keys)}
+        return {
+            "name": self.name,
+            "method": self.method,
+            "plugin": self.plugin,
+            "config": dict(self.config),
+            "sites": list(self.keys),
+        }
 
 
 @dataclass(frozen=True)
@@ -153,8 +167,12 @@ class Plan:
         lines.append("")
         lines.append("Adapters:")
         for a in self.adapters:
-            cfg = ", ".join(f"{k}={v}" for k, v in a.config.items() if v not in (None, {}, [], (), False))
-            lines.append(f"  {a.name}: {a.method} ({cfg}) at {len(a.keys)} site(s)  [plugin {a.plugin}]")
+            cfg = ", ".join(
+                f"{k}={v}" for k, v in a.config.items() if v not in (None, {}, [], (), False)
+            )
+            lines.append(
+                f"  {a.name}: {a.method} ({cfg}) at {len(a.keys)} site(s)  [plugin {a.plugin}]"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -164,9 +182,13 @@ class Plan:
 # --- compiling graph + resolved sites into per-site programs ----------------------------
 
 
-def site_groups(sites_by_adapter: Mapping[str, list[SiteInfo]]) -> dict[tuple[str, str], dict[str, list[SiteInfo]]]:
+def site_groups(
+    sites_by_adapter: Mapping[str, list[SiteInfo]],
+) -> dict[tuple[str, str], dict[str, list[SiteInfo]]]:
     """(path, family) -> adapter -> its SiteInfos there, in first-seen order."""
-    groups: dict[tuple[str, str], dict[str, list[SiteInfo]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[tuple[str, str], dict[str, list[SiteInfo]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for adapter, sites in sites_by_adapter.items():
         for s in sites:
             groups[(s.path, s.family)][adapter].append(s)
@@ -193,7 +215,9 @@ def compile_site(
             elif len(leaves) == 1:
                 result = leaves[0]
             else:
-                result = OpNode(name, "stack", tuple(leaves), tuple(range(len(leaves))), implicit=True)
+                result = OpNode(
+                    name, "stack", tuple(leaves), tuple(range(len(leaves))), implicit=True
+                )
         else:
             assert isinstance(spec, OperatorSpec)
             children, present = [], []
@@ -208,7 +232,14 @@ def compile_site(
                 result = children[0]
             else:
                 keys = None if spec.keys is None else tuple(spec.keys[i] for i in present)
-                result = OpNode(spec.name, spec.operator, tuple(children), tuple(present), keys, dict(spec.options))
+                result = OpNode(
+                    spec.name,
+                    spec.operator,
+                    tuple(children),
+                    tuple(present),
+                    keys,
+                    dict(spec.options),
+                )
         memo[name] = result
         return result
 

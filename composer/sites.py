@@ -10,7 +10,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from registry import KINDS, ArchitectureRecord, AttentionGeometry, Diagnostic, MethodRecord, Module, Registry, Slice, Sublayer
+from registry import (
+    KINDS,
+    ArchitectureRecord,
+    AttentionGeometry,
+    Diagnostic,
+    MethodRecord,
+    Module,
+    Registry,
+    Slice,
+    Sublayer,
+)
 
 from .graph import AdapterSpec
 
@@ -125,7 +135,9 @@ class Resolver:
 
     # --- locations --------------------------------------------------------------------
 
-    def _role_locations(self, spec: AdapterSpec, role: str, diags: list[Diagnostic]) -> list[_Location]:
+    def _role_locations(
+        self, spec: AdapterSpec, role: str, diags: list[Diagnostic]
+    ) -> list[_Location]:
         target = self.arch.roles[role]
         template = target.output if isinstance(target, Sublayer) else target.path
         layered = "{i}" in template
@@ -146,7 +158,11 @@ class Resolver:
             layers = [None]
         locs = []
         for i in layers:
-            fill = (lambda t, i=i: self.prefix + t.format(i=i)) if i is not None else (lambda t: self.prefix + t)
+            fill = (
+                (lambda t, i=i: self.prefix + t.format(i=i))
+                if i is not None
+                else (lambda t: self.prefix + t)
+            )
             if isinstance(target, Sublayer):
                 resolved: Any = Sublayer(fill(target.input), fill(target.output))
                 path = resolved.output
@@ -168,7 +184,9 @@ class Resolver:
             paths = [n for n in self.names if n == pattern or n.endswith("." + pattern)]
         return [_Location(f"module.{p}", p, None, None, Module(p)) for p in paths]
 
-    def locations(self, spec: AdapterSpec, method: MethodRecord, diags: list[Diagnostic]) -> list[_Location]:
+    def locations(
+        self, spec: AdapterSpec, method: MethodRecord, diags: list[Diagnostic]
+    ) -> list[_Location]:
         targets = spec.targets if spec.targets is not None else method.default_targets
         if not targets:
             diags.append(
@@ -223,7 +241,9 @@ class Resolver:
                 )
                 continue
             vocabulary = sorted(known_roles)
-            close = difflib.get_close_matches(t, vocabulary + sorted({n.rsplit('.', 1)[-1] for n in self.names}), n=3)
+            close = difflib.get_close_matches(
+                t, vocabulary + sorted({n.rsplit(".", 1)[-1] for n in self.names}), n=3
+            )
             diags.append(
                 Diagnostic(
                     code="unknown-role",
@@ -275,23 +295,29 @@ class Resolver:
             fix="use a method acting through one of those points, or extend the architecture plugin",
         )
 
-    def sites(self, spec: AdapterSpec, method: MethodRecord, config: Any, diags: list[Diagnostic]) -> list[SiteInfo]:
+    def sites(
+        self, spec: AdapterSpec, method: MethodRecord, config: Any, diags: list[Diagnostic]
+    ) -> list[SiteInfo]:
         """Every site where adapter ``spec`` acts, or diagnostics saying why it cannot."""
         model_kinds = [k for k in method.points if KINDS[k] in MODEL_FAMILIES]
         if model_kinds and len(model_kinds) == len(method.points):
             site = self.model_site(spec, model_kinds[0], diags)
             return [site] if site is not None else []
         out: list[SiteInfo] = []
+        local: list[Diagnostic] = []
         for loc in self.locations(spec, method, diags):
-            probe = SiteInfo(key=loc.key, path=loc.path, family="", kind="", role=loc.role, layer=loc.layer)
+            probe = SiteInfo(
+                key=loc.key, path=loc.path, family="", kind="", role=loc.role, layer=loc.layer
+            )
             kind = method.kind_for(config, probe)
             family = KINDS[kind]
             if self.arch is not None and loc.role is not None and kind not in self.arch.provides:
-                diags.append(self._point_missing(spec, kind))
+                local.append(self._point_missing(spec, kind))
                 continue
-            site = self._site(spec, method, loc, kind, family, diags)
+            site = self._site(spec, method, loc, kind, family, local)
             if site is not None:
                 out.append(site)
+        diags.extend(_merge_repeats(local))
         return out
 
     def _site(self, spec, method, loc, kind, family, diags) -> SiteInfo | None:
@@ -320,10 +346,11 @@ class Resolver:
         )
         if family == "linear":
             if isinstance(loc.target, Sublayer) or not is_linear(module):
+                what = repr(loc.role) if loc.role else repr(loc.path)
                 diags.append(
                     Diagnostic(
                         code="target-not-linear",
-                        message=f"adapter {spec.name!r} ({method.name}, {kind}) targets {loc.key!r} at {loc.path!r}, "
+                        message=f"adapter {spec.name!r} ({method.name}, {kind}) targets {what}, "
                         f"a {type(module).__name__}, not a linear layer",
                         nodes=(spec.name,),
                         sites=(loc.path,),
@@ -346,9 +373,17 @@ class Resolver:
                 size = fan_out // loc.target.parts
                 out_slice = (loc.target.index * size, (loc.target.index + 1) * size)
                 fan_out = size
-            return SiteInfo(**common, out_slice=out_slice, in_features=fan_in, out_features=fan_out, module=module)
+            return SiteInfo(
+                **common,
+                out_slice=out_slice,
+                in_features=fan_in,
+                out_features=fan_out,
+                module=module,
+            )
         if family == "sublayer":
-            target = loc.target if isinstance(loc.target, Sublayer) else Sublayer(loc.path, loc.path)
+            target = (
+                loc.target if isinstance(loc.target, Sublayer) else Sublayer(loc.path, loc.path)
+            )
             width = _output_width(self.model, module)
             return SiteInfo(
                 **common,
@@ -366,6 +401,27 @@ class Resolver:
             )
         )
         return None
+
+
+def _merge_repeats(diags: list[Diagnostic]) -> list[Diagnostic]:
+    """One diagnostic per (code, message), with the sites of all repeats (one per layer)."""
+    merged: dict[tuple[str, str], Diagnostic] = {}
+    for d in diags:
+        key = (d.code, d.message)
+        if key in merged:
+            old = merged[key]
+            merged[key] = Diagnostic(
+                d.code,
+                d.message,
+                old.nodes,
+                old.sites + tuple(s for s in d.sites if s not in old.sites),
+                d.rule,
+                d.fix,
+                d.plugin,
+            )
+        else:
+            merged[key] = d
+    return list(merged.values())
 
 
 def _output_width(model: nn.Module, module: nn.Module) -> int:

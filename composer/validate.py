@@ -137,7 +137,15 @@ def _check_structure(a: Analysis) -> None:
         try:
             options = record.options.model_validate(spec.options)
         except ValidationError as exc:
-            out.append(_pydantic_diag("bad-options", f"{spec.operator} node {spec.name!r}", exc, record.options, (spec.name,)))
+            out.append(
+                _pydantic_diag(
+                    "bad-options",
+                    f"{spec.operator} node {spec.name!r}",
+                    exc,
+                    record.options,
+                    (spec.name,),
+                )
+            )
             continue
         a.options[spec.name] = options
         n = len(spec.children)
@@ -171,7 +179,13 @@ def _check_structure(a: Analysis) -> None:
             )
         if record.check is not None:
             for problem in record.check(options, n, spec.keys):
-                out.append(Diagnostic(code="bad-options", message=f"{spec.operator} node {spec.name!r}: {problem}", nodes=(spec.name,)))
+                out.append(
+                    Diagnostic(
+                        code="bad-options",
+                        message=f"{spec.operator} node {spec.name!r}: {problem}",
+                        nodes=(spec.name,),
+                    )
+                )
     _check_cycles(a)
     _check_nesting(a)
 
@@ -182,12 +196,18 @@ def _check_cycles(a: Analysis) -> None:
     for cycle in list(nx.simple_cycles(g))[:10]:
         path = " → ".join([*cycle, cycle[0]])
         under = sorted(
-            {d for n in cycle for d in nx.descendants(g, n) | {n} if isinstance(specs.get(d), AdapterSpec)}
+            {
+                d
+                for n in cycle
+                for d in nx.descendants(g, n) | {n}
+                if isinstance(specs.get(d), AdapterSpec)
+            }
         )
         a.diagnostics.append(
             Diagnostic(
                 code="cycle",
-                message=f"the graph has a cycle: {path}" + (f" (adapters under it: {', '.join(under)})" if under else ""),
+                message=f"the graph has a cycle: {path}"
+                + (f" (adapters under it: {', '.join(under)})" if under else ""),
                 nodes=tuple(cycle),
                 rule="a composition graph is acyclic: a node cannot contain itself",
                 fix=f"remove one of the edges on the cycle, e.g. {cycle[-1]!r} → {cycle[0]!r}",
@@ -196,9 +216,15 @@ def _check_cycles(a: Analysis) -> None:
 
 
 def nesting_table(reg: Registry) -> dict[tuple[str, str], tuple[bool, str]]:
+    """(outer, inner) -> (allowed, reason). A pair is allowed only if some rule allows it and
+    none forbids it, so the answer never depends on the order plugins were called in."""
     table: dict[tuple[str, str], tuple[bool, str]] = {}
     for rule in reg.rules.nesting:
-        table[(rule.outer, rule.inner)] = (rule.allowed, rule.reason)
+        key = (rule.outer, rule.inner)
+        if not rule.allowed:
+            table[key] = (False, rule.reason or f"forbidden by plugin {rule.plugin!r}")
+        elif table.get(key, (True, ""))[0]:
+            table[key] = (True, rule.reason)
     return table
 
 
@@ -229,12 +255,17 @@ def _check_nesting(a: Analysis) -> None:
 # --- adapters -------------------------------------------------------------------------
 
 
-def _pydantic_diag(code: str, what: str, exc: ValidationError, model: type, nodes: tuple[str, ...]) -> Diagnostic:
+def _pydantic_diag(
+    code: str, what: str, exc: ValidationError, model: type, nodes: tuple[str, ...]
+) -> Diagnostic:
     parts = []
     for e in exc.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(config)"
         got = e.get("input")
-        parts.append(f"{loc}: {e['msg']}" + (f" (got {got!r})" if e["type"] != "missing" and not isinstance(got, dict) else ""))
+        parts.append(
+            f"{loc}: {e['msg']}"
+            + (f" (got {got!r})" if e["type"] != "missing" and not isinstance(got, dict) else "")
+        )
     fields = ", ".join(model.model_fields)
     return Diagnostic(
         code=code,
@@ -253,7 +284,8 @@ def _check_adapters(a: Analysis) -> None:
             a.diagnostics.append(
                 Diagnostic(
                     code="unknown-method",
-                    message=f"adapter {name!r} uses method {spec.method!r}, which no plugin registers" + _close(spec.method, list(reg.methods)),
+                    message=f"adapter {name!r} uses method {spec.method!r}, which no plugin registers"
+                    + _close(spec.method, list(reg.methods)),
                     nodes=(name,),
                     rule=f"registered methods: {', '.join(reg.methods)}",
                     fix="use a registered method or install the plugin that provides it",
@@ -264,13 +296,19 @@ def _check_adapters(a: Analysis) -> None:
         try:
             a.configs[name] = method.config.model_validate(spec.config)
         except ValidationError as exc:
-            a.diagnostics.append(_pydantic_diag("bad-config", f"adapter {name!r} ({spec.method})", exc, method.config, (name,)))
+            a.diagnostics.append(
+                _pydantic_diag(
+                    "bad-config", f"adapter {name!r} ({spec.method})", exc, method.config, (name,)
+                )
+            )
 
 
 # --- per-site rules -------------------------------------------------------------------
 
 
-def _walk(prog: Program, ancestors: tuple[OpNode, ...] = ()) -> Iterator[tuple[Leaf, tuple[OpNode, ...]]]:
+def _walk(
+    prog: Program, ancestors: tuple[OpNode, ...] = ()
+) -> Iterator[tuple[Leaf, tuple[OpNode, ...]]]:
     if isinstance(prog, Leaf):
         yield prog, ancestors
     else:
@@ -287,6 +325,7 @@ def _check_sites(a: Analysis) -> None:
     refused: dict[tuple[str, str], Diagnostic] = {}
     unordered: dict[tuple[str, str], list[str]] = {}
     mixed: dict[str, list[str]] = {}
+    found: dict[tuple, Diagnostic] = {}
     for (path, family), prog in a.programs.items():
         where = path or "<model>"
         for leaf, ancestors in _walk(prog):
@@ -294,7 +333,11 @@ def _check_sites(a: Analysis) -> None:
                 if node.implicit:
                     continue
                 record = reg.operators.get(node.operator)
-                if record is not None and family not in record.families and (leaf.adapter, node.node) not in refused:
+                if (
+                    record is not None
+                    and family not in record.families
+                    and (leaf.adapter, node.node) not in refused
+                ):
                     refused[(leaf.adapter, node.node)] = Diagnostic(
                         code="unsupported-operator",
                         message=f"{node.operator} node {node.node!r} cannot combine {family} sites, where adapter {leaf.adapter!r} ({leaf.method}) acts",
@@ -304,7 +347,9 @@ def _check_sites(a: Analysis) -> None:
                         fix="compose this adapter with an operator that supports its sites",
                     )
                 for r in reg.rules.refusals:
-                    if r.operator == node.operator and (r.method == leaf.method or r.kind == leaf.kind):
+                    if r.operator == node.operator and (
+                        r.method == leaf.method or r.kind == leaf.kind
+                    ):
                         refused.setdefault(
                             (leaf.adapter, node.node),
                             Diagnostic(
@@ -322,12 +367,15 @@ def _check_sites(a: Analysis) -> None:
                 _check_commuting_roots(node, where, unordered)
             elif node.operator not in ("stack", "route") and not node.implicit:
                 kinds = [_kinds(c) for c in node.children]
-                if any("linear.scale_in" in k for k in kinds) and any("linear.scale_out" in k for k in kinds):
+                if any("linear.scale_in" in k for k in kinds) and any(
+                    "linear.scale_out" in k for k in kinds
+                ):
                     mixed.setdefault(node.node, []).append(where)
             if node.operator == "stack" and not node.implicit:
-                _check_orders(a, node, where)
-        _check_conflicts(a, prog, where)
+                _check_orders(a, node, where, found)
+        _check_conflicts(a, prog, where, found)
     out.extend(refused.values())
+    out.extend(found.values())
     for (x, y), where in unordered.items():
         out.append(
             Diagnostic(
@@ -358,7 +406,9 @@ def _opnodes(prog: Program) -> Iterator[OpNode]:
             yield from _opnodes(child)
 
 
-def _check_commuting_roots(node: OpNode, where: str, unordered: dict[tuple[str, str], list[str]]) -> None:
+def _check_commuting_roots(
+    node: OpNode, where: str, unordered: dict[tuple[str, str], list[str]]
+) -> None:
     children = list(node.children)
     for i in range(len(children)):
         for j in range(i + 1, len(children)):
@@ -368,39 +418,61 @@ def _check_commuting_roots(node: OpNode, where: str, unordered: dict[tuple[str, 
                         unordered.setdefault((li.adapter, lj.adapter), []).append(where)
 
 
-def _check_orders(a: Analysis, node: OpNode, where: str) -> None:
+def _check_orders(a: Analysis, node: OpNode, where: str, found: dict[tuple, Diagnostic]) -> None:
     seq = [leaf.method for c in node.children for leaf in c.leaves()]
     for rule in a.registry.rules.orders:
-        if rule.first in seq and rule.then in seq:
-            if max(i for i, m in enumerate(seq) if m == rule.first) > min(i for i, m in enumerate(seq) if m == rule.then):
-                a.diagnostics.append(
-                    Diagnostic(
-                        code="stack-order",
-                        message=f"stack {node.node!r} puts {rule.then} before {rule.first} at {where}: {rule.reason}",
-                        nodes=(node.node,),
-                        sites=(where,),
-                        fix=f"reorder the stack so that {rule.first} comes first",
-                        plugin=rule.plugin,
-                    )
-                )
+        if rule.first in seq and rule.then in seq and _after(seq, rule.first, rule.then):
+            _collect(
+                found,
+                Diagnostic(
+                    code="stack-order",
+                    message=f"stack {node.node!r} puts {rule.then} before {rule.first}: {rule.reason}",
+                    nodes=(node.node,),
+                    sites=(where,),
+                    fix=f"reorder the stack so that {rule.first} comes first",
+                    plugin=rule.plugin,
+                ),
+            )
 
 
-def _check_conflicts(a: Analysis, prog: Program, where: str) -> None:
+def _check_conflicts(
+    a: Analysis, prog: Program, where: str, found: dict[tuple, Diagnostic]
+) -> None:
     leaves = list(prog.leaves())
     for rule in a.registry.rules.conflicts:
         first = [lf for lf in leaves if lf.method == rule.first]
         second = [lf for lf in leaves if lf.method == rule.second and lf not in first]
         if first and second:
-            a.diagnostics.append(
+            _collect(
+                found,
                 Diagnostic(
                     code="method-conflict",
-                    message=f"{rule.first} ({first[0].adapter!r}) and {rule.second} ({second[0].adapter!r}) act at {where}: {rule.reason}",
+                    message=f"{rule.first} ({first[0].adapter!r}) and {rule.second} ({second[0].adapter!r}) act at the same site: {rule.reason}",
                     nodes=(first[0].adapter, second[0].adapter),
                     sites=(where,),
                     fix=rule.fix or "target different sites",
                     plugin=rule.plugin,
-                )
+                ),
             )
+
+
+def _after(seq: list[str], first: str, then: str) -> bool:
+    """Whether some ``then`` comes before the last ``first`` in ``seq``."""
+    return max(i for i, m in enumerate(seq) if m == first) > min(
+        i for i, m in enumerate(seq) if m == then
+    )
+
+
+def _collect(found: dict[tuple, Diagnostic], d: Diagnostic) -> None:
+    """Keep one diagnostic per problem, gathering the sites where it occurs."""
+    key = (d.code, d.message)
+    if key in found:
+        old = found[key]
+        found[key] = Diagnostic(
+            d.code, d.message, old.nodes, old.sites + d.sites, d.rule, d.fix, d.plugin
+        )
+    else:
+        found[key] = d
 
 
 # --- entry point ----------------------------------------------------------------------
@@ -430,7 +502,9 @@ def analyse(graph: Graph, registry: Registry, model: nn.Module | None = None) ->
     return a
 
 
-def validate(graph: Graph, registry: Registry | None = None, model: nn.Module | None = None) -> list[Diagnostic]:
+def validate(
+    graph: Graph, registry: Registry | None = None, model: nn.Module | None = None
+) -> list[Diagnostic]:
     """Every problem with ``graph`` (on ``model``, when given), without raising."""
     from .api import default_registry
 

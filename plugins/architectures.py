@@ -26,7 +26,9 @@ def _decoder_geometry(config: Any) -> AttentionGeometry:
 
 
 def _gpt2_geometry(config: Any) -> AttentionGeometry:
-    return AttentionGeometry(config.n_layer, config.n_head, config.n_embd // config.n_head, config.n_head)
+    return AttentionGeometry(
+        config.n_layer, config.n_head, config.n_embd // config.n_head, config.n_head
+    )
 
 
 LLAMA_ROLES = {

@@ -28,13 +28,23 @@ class LoraConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     r: int = Field(8, ge=1, description="rank of the update B A")
-    alpha: float = Field(8.0, gt=0, description="scale numerator: s = alpha / r (alpha / sqrt(r) with rslora)")
+    alpha: float = Field(
+        8.0, gt=0, description="scale numerator: s = alpha / r (alpha / sqrt(r) with rslora)"
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
     rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
-    dora: bool = Field(False, description="weight-decomposed LoRA: learn a magnitude per output row")
-    init: Literal["kaiming", "gaussian"] = Field("kaiming", description="initialisation of A (B is zero)")
-    rank_pattern: dict[str, int] = Field(default_factory=dict, description="per-role or per-module-regex rank")
-    alpha_pattern: dict[str, float] = Field(default_factory=dict, description="per-role or per-module-regex alpha")
+    dora: bool = Field(
+        False, description="weight-decomposed LoRA: learn a magnitude per output row"
+    )
+    init: Literal["kaiming", "gaussian"] = Field(
+        "kaiming", description="initialisation of A (B is zero)"
+    )
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="per-role or per-module-regex rank"
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="per-role or per-module-regex alpha"
+    )
     loraplus_ratio: float | None = Field(
         None, gt=0, description="LoRA+: B's learning rate is this many times A's (param_groups)"
     )
@@ -65,14 +75,18 @@ def pattern_value(patterns: Mapping[str, Any], site: Any, default: Any) -> Any:
 
 
 def site_rank_alpha(config: LoraConfig, site: Any) -> tuple[int, float]:
-    return pattern_value(config.rank_pattern, site, config.r), float(pattern_value(config.alpha_pattern, site, config.alpha))
+    return pattern_value(config.rank_pattern, site, config.r), float(
+        pattern_value(config.alpha_pattern, site, config.alpha)
+    )
 
 
 def scaling(config: LoraConfig, r: int, alpha: float) -> float:
     return alpha / math.sqrt(r) if config.rslora else alpha / r
 
 
-def _init_pair(r: int, fan_in: int, fan_out: int, init: str, dtype: torch.dtype) -> tuple[nn.Parameter, nn.Parameter]:
+def _init_pair(
+    r: int, fan_in: int, fan_out: int, init: str, dtype: torch.dtype
+) -> tuple[nn.Parameter, nn.Parameter]:
     a = torch.empty(r, fan_in, dtype=dtype)
     if init == "kaiming":
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -84,7 +98,16 @@ def _init_pair(r: int, fan_in: int, fan_out: int, init: str, dtype: torch.dtype)
 class LoRA(nn.Module):
     """Δ(x) = s · B A dropout(x)."""
 
-    def __init__(self, fan_in: int, fan_out: int, r: int, scale: float, dropout: float, init: str = "kaiming", dtype=torch.float32):
+    def __init__(
+        self,
+        fan_in: int,
+        fan_out: int,
+        r: int,
+        scale: float,
+        dropout: float,
+        init: str = "kaiming",
+        dtype=torch.float32,
+    ):
         super().__init__()
         self.lora_A, self.lora_B = _init_pair(r, fan_in, fan_out, init, dtype)
         self.scale = scale
@@ -103,7 +126,17 @@ class LoRA(nn.Module):
 class DoRA(nn.Module):
     """Δ(x) = (m/‖W + sBA‖ − 1) ⊙ W x + (m/‖W + sBA‖) ⊙ s B A x, the norm per output row, detached."""
 
-    def __init__(self, fan_in: int, fan_out: int, r: int, scale: float, dropout: float, weight: torch.Tensor, init: str = "kaiming", dtype=torch.float32):
+    def __init__(
+        self,
+        fan_in: int,
+        fan_out: int,
+        r: int,
+        scale: float,
+        dropout: float,
+        weight: torch.Tensor,
+        init: str = "kaiming",
+        dtype=torch.float32,
+    ):
         super().__init__()
         self.lora_A, self.lora_B = _init_pair(r, fan_in, fan_out, init, dtype)
         self.scale = scale
@@ -138,11 +171,21 @@ def build(config: LoraConfig, site: Any) -> nn.Module:
     r, alpha = site_rank_alpha(config, site)
     s = scaling(config, r, alpha)
     if config.dora:
-        return DoRA(site.in_features, site.out_features, r, s, config.dropout, site.weight().detach(), config.init)
+        return DoRA(
+            site.in_features,
+            site.out_features,
+            r,
+            s,
+            config.dropout,
+            site.weight().detach(),
+            config.init,
+        )
     return LoRA(site.in_features, site.out_features, r, s, config.dropout, config.init)
 
 
-def param_groups(config: LoraConfig, modules: Mapping[str, nn.Module], lr: float) -> list[dict[str, Any]]:
+def param_groups(
+    config: LoraConfig, modules: Mapping[str, nn.Module], lr: float
+) -> list[dict[str, Any]]:
     """LoRA+ (Hayou et al. 2024): B learns ``loraplus_ratio`` times faster than A."""
     if config.loraplus_ratio is None:
         return []
@@ -151,7 +194,9 @@ def param_groups(config: LoraConfig, modules: Mapping[str, nn.Module], lr: float
     return [{"params": a_params, "lr": lr}, {"params": b_params, "lr": lr * config.loraplus_ratio}]
 
 
-def loraplus_param_groups(composed: Any, lr: float, ratio: float = 16.0, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+def loraplus_param_groups(
+    composed: Any, lr: float, ratio: float = 16.0, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
     """LoRA+ groups for every LoRA-family adapter of ``composed``, whatever their config says;
     other trainable parameters get ``lr``."""
     groups, claimed = [], set()
@@ -178,7 +223,11 @@ class LoraPeftCodec:
     """Reads and writes PEFT's ``LoraConfig`` (LoRA, rsLoRA, DoRA) files."""
 
     peft_types = ("LORA",)
-    tensor_names = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "magnitude"}
+    tensor_names = {
+        "lora_A.weight": "lora_A",
+        "lora_B.weight": "lora_B",
+        "lora_magnitude_vector": "magnitude",
+    }
     unsupported = {
         "layers_to_transform": None,
         "modules_to_save": None,
@@ -194,7 +243,11 @@ class LoraPeftCodec:
 
     def from_peft(self, peft: Mapping[str, Any]) -> dict[str, Any]:
         """Our config (as keyword arguments) from PEFT's adapter_config.json."""
-        problems = [f"{k}={peft[k]!r}" for k, default in self.unsupported.items() if peft.get(k, default) not in (default, [], {})]
+        problems = [
+            f"{k}={peft[k]!r}"
+            for k, default in self.unsupported.items()
+            if peft.get(k, default) not in (default, [], {})
+        ]
         if peft.get("bias", "none") != "none":
             problems.append(f"bias={peft['bias']!r}")
         if problems:
@@ -225,7 +278,9 @@ class LoraPeftCodec:
             "target_modules": sorted(per_site),
             "rank_pattern": {re.escape(p): ra[0] for p, ra in per_site.items() if ra[0] != r},
             "alpha_pattern": {re.escape(p): ra[1] for p, ra in per_site.items() if ra[1] != alpha},
-            "fan_in_fan_out": any(getattr(s.module, "__class__", type(None)).__name__ == "Conv1D" for s in sites),
+            "fan_in_fan_out": any(
+                getattr(s.module, "__class__", type(None)).__name__ == "Conv1D" for s in sites
+            ),
             "bias": "none",
             "init_lora_weights": True,
             "inference_mode": True,

@@ -14,7 +14,9 @@ from registry import hookimpl
 @hookimpl(trylast=True)
 def build_site(base, family, site: SiteBuild):
     if family == "linear" and is_linear(base):
-        built = LinearSite(base, site.info, site.program, has_scale_in="linear.scale_in" in site.kinds)
+        built = LinearSite(
+            base, site.info, site.program, has_scale_in="linear.scale_in" in site.kinds
+        )
         built.state = site.state
         return built
     return None

@@ -69,7 +69,9 @@ class Registry:
         try:
             return self.methods[name]
         except KeyError:
-            raise RegistryError(f"unknown method {name!r}; registered methods: {sorted(self.methods)}") from None
+            raise RegistryError(
+                f"unknown method {name!r}; registered methods: {sorted(self.methods)}"
+            ) from None
 
     def operator(self, name: str) -> OperatorRecord:
         try:
@@ -175,7 +177,11 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
 
 
 def _check_hook_names(pm: pluggy.PluginManager) -> None:
-    specs = {name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "adapter_composer_spec")}
+    specs = {
+        name
+        for name in dir(hookspecs)
+        if hasattr(getattr(hookspecs, name), "adapter_composer_spec")
+    }
     for plugin_name, plugin in pm.list_name_plugin():
         if plugin is None:
             continue
@@ -197,7 +203,9 @@ def _collect(pm: pluggy.PluginManager, hook: str, registrar_cls: type) -> list[A
         except PluginError:
             raise
         except Exception as exc:
-            raise PluginError(f"plugin {impl.plugin_name!r}, hook {hook}: raised {type(exc).__name__}: {exc}") from exc
+            raise PluginError(
+                f"plugin {impl.plugin_name!r}, hook {hook}: raised {type(exc).__name__}: {exc}"
+            ) from exc
         registrars.append(registrar)
     return registrars
 
@@ -243,9 +251,16 @@ def load_registry(
         infos.append(PluginInfo(name, getattr(obj, "__version__", "unknown"), "explicit"))
     _check_hook_names(pm)
 
-    methods = _unique((r for reg in _collect(pm, "register_methods", MethodRegistrar) for r in reg.records), "method")
+    methods = _unique(
+        (r for reg in _collect(pm, "register_methods", MethodRegistrar) for r in reg.records),
+        "method",
+    )
     archs = _unique(
-        (r for reg in _collect(pm, "register_architectures", ArchitectureRegistrar) for r in reg.records),
+        (
+            r
+            for reg in _collect(pm, "register_architectures", ArchitectureRegistrar)
+            for r in reg.records
+        ),
         "architecture",
     )
     seen_types: dict[str, ArchitectureRecord] = {}
@@ -258,7 +273,8 @@ def load_registry(
                 )
             seen_types[mt] = arch
     operators = _unique(
-        (r for reg in _collect(pm, "register_operators", OperatorRegistrar) for r in reg.records), "operator"
+        (r for reg in _collect(pm, "register_operators", OperatorRegistrar) for r in reg.records),
+        "operator",
     )
     rule_regs = _collect(pm, "register_rules", RuleRegistrar)
     rules = RuleSet(

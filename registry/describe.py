@@ -25,7 +25,11 @@ def describe(registry: Any) -> str:
     lines.append("Methods:")
     for m in registry.methods.values():
         caps = m.capabilities
-        flags = [n for n in ("mergeable", "identity_at_init", "changes_sequence_length", "trains_base") if getattr(caps, n)]
+        flags = [
+            n
+            for n in ("mergeable", "identity_at_init", "changes_sequence_length", "trains_base")
+            if getattr(caps, n)
+        ]
         lines.append(f"  {m.name}  [plugin {m.plugin}]  points: {', '.join(m.points)}")
         if m.description:
             lines.append(f"      {m.description.splitlines()[0]}")

@@ -42,7 +42,9 @@ class Diagnostic:
         if self.nodes:
             lines.append(f"    nodes: {', '.join(self.nodes)}")
         if self.sites:
-            shown = list(self.sites[:6]) + ([f"... {len(self.sites) - 6} more"] if len(self.sites) > 6 else [])
+            shown = list(self.sites[:6]) + (
+                [f"... {len(self.sites) - 6} more"] if len(self.sites) > 6 else []
+            )
             lines.append(f"    sites: {', '.join(shown)}")
         if self.rule:
             lines.append(f"    rule: {self.rule}")
@@ -157,7 +159,9 @@ class OperatorRecord:
     exact_merge: bool = False  # its composition can be folded into weights exactly
     description: str = ""
     check: Callable[..., list[str]] | None = None  # check(options, n_children, keys) -> problems
-    shared: Callable[..., Any] | None = None  # shared(options, n_children) -> module shared by all sites
+    shared: Callable[..., Any] | None = (
+        None  # shared(options, n_children) -> module shared by all sites
+    )
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,9 @@ class _Registrar:
 
     def _config_model(self, config: Any, what: str) -> type:
         if not (isinstance(config, type) and issubclass(config, BaseModel)):
-            raise self._fail(f"{what}: config must be a pydantic BaseModel subclass, got {config!r}")
+            raise self._fail(
+                f"{what}: config must be a pydantic BaseModel subclass, got {config!r}"
+            )
         return config
 
 
@@ -99,8 +101,12 @@ class MethodRegistrar(_Registrar):
             )
         if capabilities is not None and not isinstance(capabilities, Capabilities):
             raise self._fail(f"method {name!r}: capabilities must be registry.Capabilities")
-        if peft is not None and not all(hasattr(peft, a) for a in ("peft_types", "from_peft", "to_peft")):
-            raise self._fail(f"method {name!r}: the peft codec needs peft_types, from_peft and to_peft")
+        if peft is not None and not all(
+            hasattr(peft, a) for a in ("peft_types", "from_peft", "to_peft")
+        ):
+            raise self._fail(
+                f"method {name!r}: the peft codec needs peft_types, from_peft and to_peft"
+            )
         self.records.append(
             MethodRecord(
                 name=name,
@@ -169,7 +175,9 @@ class ArchitectureRegistrar(_Registrar):
                 return int(getattr(config, _attr))
 
         if not callable(num_layers):
-            raise self._fail(f"architecture {name!r}: num_layers must be an attribute name or callable")
+            raise self._fail(
+                f"architecture {name!r}: num_layers must be an attribute name or callable"
+            )
         self.records.append(
             ArchitectureRecord(
                 name=name,
@@ -215,7 +223,9 @@ class OperatorRegistrar(_Registrar):
         known_families = set(KINDS.values())
         bad = sorted(set(families) - known_families)
         if bad:
-            raise self._fail(f"operator {name!r}: unknown site families {bad}; known: {sorted(known_families)}")
+            raise self._fail(
+                f"operator {name!r}: unknown site families {bad}; known: {sorted(known_families)}"
+            )
         self.records.append(
             OperatorRecord(
                 name=name,
@@ -243,7 +253,13 @@ class RuleRegistrar(_Registrar):
         self.nestings: list[NestingRule] = []
 
     def refuse(
-        self, *, operator: str, reason: str, fix: str = "", method: str | None = None, kind: str | None = None
+        self,
+        *,
+        operator: str,
+        reason: str,
+        fix: str = "",
+        method: str | None = None,
+        kind: str | None = None,
     ) -> None:
         """Declare that ``method`` (or every method acting through ``kind``) cannot be
         composed under ``operator``."""

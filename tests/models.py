@@ -24,8 +24,13 @@ VOCAB = 128
 def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -33,8 +38,14 @@ def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
 def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
     torch.manual_seed(seed)
     cfg = MistralConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, sliding_window=None,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        sliding_window=None,
     )
     return MistralForCausalLM(cfg).eval()
 
@@ -42,23 +53,40 @@ def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     cfg = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     return Qwen2ForCausalLM(cfg).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
 def tiny_bert(seed: int = 0) -> BertModel:
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=96, max_position_embeddings=128,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=128,
     )
     return BertModel(cfg, add_pooling_layer=False).eval()
 
@@ -66,8 +94,13 @@ def tiny_bert(seed: int = 0) -> BertModel:
 def tiny_roberta(seed: int = 0) -> RobertaModel:
     torch.manual_seed(seed)
     cfg = RobertaConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=96, max_position_embeddings=130, pad_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=130,
+        pad_token_id=1,
     )
     return RobertaModel(cfg, add_pooling_layer=False).eval()
 
@@ -92,7 +125,9 @@ def output(model, batch) -> torch.Tensor:
     """Logits for LMs, the last hidden state for encoders."""
     with torch.no_grad():
         out = model(**batch)
-    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+    return (
+        out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+    )
 
 
 def randomize(composed, std: float = 0.2, seed: int = 0) -> None:

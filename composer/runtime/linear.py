@@ -135,7 +135,9 @@ class SiteView:
 
     __slots__ = ("_site", "_slice", "_call")
 
-    def __init__(self, site: LinearSite, out_slice: tuple[int, int] | None, call: LinearCall | None):
+    def __init__(
+        self, site: LinearSite, out_slice: tuple[int, int] | None, call: LinearCall | None
+    ):
         self._site = site
         self._slice = out_slice
         self._call = call
@@ -299,7 +301,10 @@ class LinearSite(nn.Module):
             return
         w, bias = self.merged_weights()
         weight = self.base.weight
-        self._originals = (weight.data.clone(), None if self.base.bias is None else self.base.bias.data.clone())
+        self._originals = (
+            weight.data.clone(),
+            None if self.base.bias is None else self.base.bias.data.clone(),
+        )
         target = w if isinstance(self.base, nn.Linear) else w.t()
         weight.data.copy_(target.to(weight.dtype))
         if bias is not None and self.base.bias is not None:

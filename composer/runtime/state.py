@@ -19,7 +19,9 @@ class CallState:
     record_gates: bool = False
     gates: dict[str, torch.Tensor] = field(default_factory=dict)
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    cache: dict[Any, Any] = field(default_factory=dict)  # per-call memo (e.g. row groups per route node)
+    cache: dict[Any, Any] = field(
+        default_factory=dict
+    )  # per-call memo (e.g. row groups per route node)
 
     def begin(self, route: tuple[str | None, ...] | None) -> None:
         self.route = route

@@ -59,8 +59,16 @@ class LohaPeftCodec:
     tensor_names = {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b"}
 
     def from_peft(self, peft: dict) -> dict:
-        unsupported = [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform") if peft.get(k)]
-        if peft.get("use_effective_conv2d") or peft.get("rank_dropout") or peft.get("module_dropout"):
+        unsupported = [
+            k
+            for k in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
+            if peft.get(k)
+        ]
+        if (
+            peft.get("use_effective_conv2d")
+            or peft.get("rank_dropout")
+            or peft.get("module_dropout")
+        ):
             unsupported.append("conv/rank/module dropout options")
         if unsupported:
             raise ValueError(f"unsupported PEFT LoHa options: {unsupported}")

@@ -60,7 +60,9 @@ def test_identity_at_init(method):
     if REGISTRY.method(method).capabilities.identity_at_init:
         torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
     else:
-        assert not torch.allclose(after[..., -before.shape[1] :, :], before), f"{method} claims no identity at init but is"
+        assert not torch.allclose(after[..., -before.shape[1] :, :], before), (
+            f"{method} claims no identity at init but is"
+        )
     composed.undo()
 
 
@@ -70,7 +72,9 @@ def test_parameter_count_matches_formula(method):
     expected = profile.expected_params(model)
     composed = composer.compose(model, g, registry=REGISTRY)
     report = composed.trainable_parameters()
-    assert report.per_adapter["a"] == expected, f"{method}: {report.per_adapter['a']} != {profile.formula} = {expected}"
+    assert report.per_adapter["a"] == expected, (
+        f"{method}: {report.per_adapter['a']} != {profile.formula} = {expected}"
+    )
     assert report.trainable == expected
 
 
@@ -91,7 +95,9 @@ def test_only_adapter_parameters_train(method):
         opt.step()
     composed.eval()
     trained = composed.adapters["a"].state_dict()
-    assert any(not torch.equal(adapter_before[k], trained[k]) for k in trained), "no adapter parameter changed"
+    assert any(not torch.equal(adapter_before[k], trained[k]) for k in trained), (
+        "no adapter parameter changed"
+    )
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert frozen and all(p.grad is None for p in frozen)
     composed.undo()
