@@ -100,7 +100,7 @@ def compose(model: nn.Module, graph: Graph, *, registry: Registry | None = None)
     print_ = fingerprint(model)
     state = CallState()
     runtime = build_runtime(analysis, the_plan, state)
-    patch = patch_model(model, runtime, state)
+    patch = patch_model(model, runtime, state, the_plan)
     return Composed(
         model, graph.copy(), the_plan, registry, analysis, runtime, patch, state, print_
     )

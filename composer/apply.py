@@ -17,7 +17,9 @@ from registry import Registry
 from .plan import Leaf, OpNode, Plan, Program, SitePlan
 from .runtime import CONTAINER_ATTR, Container, SharedRef, SiteBuild
 from .runtime.linear import Leaf as LinearLeaf
+from .runtime.model import ModelHook, SegmentLeaf, SegmentSite
 from .runtime.state import CallState
+from .runtime.sublayer import SublayerLeaf
 from .sites import SiteInfo
 from .validate import Analysis
 
@@ -93,11 +95,18 @@ def build_adapter(analysis: Analysis, name: str, rt: Runtime) -> None:
     rt.infos[name] = by_key
 
 
+MODEL_FAMILIES = ("prompt", "prefix")
+
+
 def _leaf(rt: Runtime, leaf: Leaf, family: str, sp: SitePlan) -> nn.Module:
     module = rt.adapters[leaf.adapter][leaf.key]
     info = rt.infos[leaf.adapter][leaf.key]
     if family == "linear":
         return LinearLeaf(leaf.adapter, leaf.kind, module, info, sp.out_features)
+    if family == "sublayer":
+        return SublayerLeaf(leaf.adapter, leaf.kind, module, info)
+    if family in MODEL_FAMILIES:
+        return SegmentLeaf(leaf.adapter, leaf.kind, module, info)
     raise NotImplementedError(f"no runtime for site family {family!r}")
 
 
@@ -137,7 +146,13 @@ def build_runtime(analysis: Analysis, plan: Plan, state: CallState) -> Runtime:
     for sp in plan.sites:
         info = first_info.get((sp.path, sp.family))
         program = build_node(analysis, rt, sp.program, sp, state, info)
-        base = model.get_submodule(sp.path) if sp.path else model
+        if sp.family in MODEL_FAMILIES:
+            site = SegmentSite(sp.family, program)
+            rt.container.model_sites[sp.family] = site
+            rt.sites[(sp.path, sp.family)] = site
+            continue
+        # a sublayer whose output module is also a linear site wraps that site (BERT's attn.o)
+        base = rt.sites.get((sp.path, "linear")) or model.get_submodule(sp.path)
         kinds = {leaf.kind for leaf in sp.program.leaves()}
         build = SiteBuild(
             path=sp.path,
@@ -157,8 +172,8 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), attr
 
 
-def patch_model(model: nn.Module, rt: Runtime, state: CallState) -> Patch:
-    """Freeze the base, swap the site modules in, and return how to undo it."""
+def patch_model(model: nn.Module, rt: Runtime, state: CallState, plan: Plan, geometry: object = None) -> Patch:
+    """Freeze the base, swap the site modules in, install the forward hook; return how to undo it."""
     patch = Patch()
     adapter_params = {id(p) for m in rt.all_modules() for p in m.parameters()} - {
         id(p) for p in model.parameters()
@@ -168,13 +183,25 @@ def patch_model(model: nn.Module, rt: Runtime, state: CallState) -> Patch:
             patch.requires_grad.append((p, p.requires_grad))
             p.requires_grad_(False)
         for (path, family), site in rt.sites.items():
-            if family in ("linear", "sublayer"):
-                parent, attr = _parent(model, path)
-                original = getattr(parent, attr)
-                setattr(parent, attr, site)
-                patch.swaps.append((parent, attr, original, site))
-            else:
-                raise NotImplementedError(f"no way to apply site family {family!r}")
+            if family in MODEL_FAMILIES:
+                continue  # lives in the container; the model hook uses it
+            parent, attr = _parent(model, path)
+            original = getattr(parent, attr)
+            setattr(parent, attr, site)
+            patch.swaps.append((parent, attr, original, site))
+            if family == "sublayer" and not site.own_input:
+                source = model.get_submodule(site.input_path)
+                patch.hooks.append(source.register_forward_pre_hook(site.capture, with_kwargs=True))
+        route_keys = frozenset(k for sp in plan.sites for node in _opnodes(sp.program) if node.keys for k in node.keys)
+        hook = ModelHook(
+            model,
+            state,
+            rt.container.model_sites["prompt"] if "prompt" in rt.container.model_sites else None,
+            rt.container.model_sites["prefix"] if "prefix" in rt.container.model_sites else None,
+            geometry,
+            route_keys,
+        )
+        patch.hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True))
         if not rt.container.is_empty():
             if hasattr(model, CONTAINER_ATTR):
                 raise RuntimeError(f"the model already has an attribute {CONTAINER_ATTR!r}")
@@ -189,6 +216,13 @@ def patch_model(model: nn.Module, rt: Runtime, state: CallState) -> Patch:
         undo_patch(patch)
         raise
     return patch
+
+
+def _opnodes(prog: Program):
+    if isinstance(prog, OpNode):
+        yield prog
+        for child in prog.children:
+            yield from _opnodes(child)
 
 
 @torch.no_grad()

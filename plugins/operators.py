@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from composer.runtime.linear import fold_stack, fold_weighted, nf_stack, nf_weighted
+from composer.runtime.model import segments_stack
+from composer.runtime.sublayer import residual_stack, residual_weighted
 from registry import hookimpl
 
 
@@ -39,6 +41,12 @@ class StackNode(nn.Module):
 
     def linear_fold(self, site):
         return fold_stack(list(self.items), site)
+
+    def sublayer_residual(self, h, call):
+        return residual_stack(list(self.items), h, call)
+
+    def segments(self, call):
+        return segments_stack([c.segments(call) for c in self.items])
 
 
 class SumWeights(nn.Module):
@@ -70,6 +78,9 @@ class SumNode(nn.Module):
     def linear_fold(self, site):
         return fold_weighted(self._coefs(torch.float32), [c.linear_fold(site) for c in self.items])
 
+    def sublayer_residual(self, h, call):
+        return residual_weighted(self._coefs(h.dtype), [c.sublayer_residual(h, call) for c in self.items])
+
 
 def _stack(children, options, keys, shared, ctx):
     return StackNode(children)
@@ -95,14 +106,14 @@ def register_operators(register):
     register.operator(
         "stack",
         options=StackOptions,
-        families={"linear": _stack},
+        families={"linear": _stack, "sublayer": _stack, "prompt": _stack, "prefix": _stack},
         exact_merge=True,
         description="Apply children in order at every site they share; the later wraps the earlier.",
     )
     register.operator(
         "sum",
         options=SumOptions,
-        families={"linear": _sum},
+        families={"linear": _sum, "sublayer": _sum},
         exact_merge=True,
         min_children=1,
         check=_sum_check,
@@ -117,3 +128,10 @@ def register_rules(register):
     for outer in ("stack", "sum"):
         for inner in ("stack", "sum"):
             register.nesting(outer, inner, allowed=True)
+    for kind, what in (("attention.kv_prefix", "key/value prefixes"), ("input.embeddings", "virtual prompt tokens")):
+        register.refuse(
+            kind=kind,
+            operator="sum",
+            reason=f"a weighted sum of {what} has no defined meaning (they are concatenated, not added)",
+            fix="stack them (concatenation in order) or route them (one per example)",
+        )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from composer.runtime import SiteBuild
 from composer.runtime.linear import LinearSite
+from composer.runtime.sublayer import SublayerSite
 from composer.sites import is_linear
 from registry import hookimpl
 
@@ -17,6 +18,10 @@ def build_site(base, family, site: SiteBuild):
         built = LinearSite(
             base, site.info, site.program, has_scale_in="linear.scale_in" in site.kinds
         )
+        built.state = site.state
+        return built
+    if family == "sublayer":
+        built = SublayerSite(base, site.info, site.program)
         built.state = site.state
         return built
     return None

@@ -1,0 +1,264 @@
+"""Model-level sites: virtual tokens prepended to the input (prompt) or to every layer's keys and
+values (prefix), and the top-level forward hook that injects them and the per-call state.
+
+Both families work on *segments*: ``values`` [B, n, ...] with a ``valid`` mask [B, n]. A
+stack concatenates its children's segments in order (``[P_a; P_b; x]``); a route picks one
+child's segments per row and pads shorter ones with masked slots. Method modules return
+their virtual tokens for one example:
+
+    input.embeddings      forward() -> [n, d_model]
+    attention.kv_prefix   forward() -> [n, num_layers, 2, num_kv_heads, head_dim]
+
+The hook follows HF PEFT's conventions: prompts are prepended to ``inputs_embeds`` (the
+attention mask gets ones, labels get -100, token types get 0); prefixes fill a fresh
+``DynamicCache`` before the first real token, so real tokens take positions n, n+1, ...
+During ``generate()`` the cache remembers how many virtual positions it holds and later
+steps extend the attention mask and shift the position ids accordingly, so the KV cache
+is kept and the prefix is computed once.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import RoutingError
+from ..sites import SiteInfo
+from .state import CallState
+
+VIRTUAL = "_adapter_composer_virtual"  # attribute set on caches that hold virtual positions
+ROUTE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("adapter_composer_route", default=None)
+
+
+@dataclass
+class Segments:
+    values: torch.Tensor  # [B, n, ...]
+    valid: torch.Tensor | None = None  # [B, n] bool; None: every slot is valid
+
+    @property
+    def length(self) -> int:
+        return int(self.values.shape[1])
+
+    def mask(self) -> torch.Tensor:
+        if self.valid is not None:
+            return self.valid
+        return torch.ones(self.values.shape[:2], dtype=torch.bool, device=self.values.device)
+
+
+def segments_stack(parts: Sequence[Segments | None]) -> Segments | None:
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    values = torch.cat([p.values for p in parts], dim=1)
+    valid = None if all(p.valid is None for p in parts) else torch.cat([p.mask() for p in parts], dim=1)
+    return Segments(values, valid)
+
+
+class SegmentCall:
+    __slots__ = ("batch", "state", "dtype", "device")
+
+    def __init__(self, batch: int, state: CallState | None, dtype: torch.dtype, device: torch.device):
+        self.batch = batch
+        self.state = state
+        self.dtype = dtype
+        self.device = device
+
+
+class SegmentLeaf(nn.Module):
+    """One adapter's virtual tokens."""
+
+    def __init__(self, adapter: str, kind: str, module: nn.Module, info: SiteInfo):
+        super().__init__()
+        self.adapter = adapter
+        self.kind = kind
+        self.op = module
+        self.key = info.key
+
+    def segments(self, call: SegmentCall) -> Segments:
+        tokens = self.op().to(call.dtype)
+        return Segments(tokens.unsqueeze(0).expand(call.batch, *tokens.shape))
+
+    def extra_repr(self) -> str:
+        return f"adapter={self.adapter!r}, kind={self.kind}"
+
+
+class SegmentSite(nn.Module):
+    """The program of a model-level family (prompt or prefix)."""
+
+    def __init__(self, family: str, program: nn.Module):
+        super().__init__()
+        self.family = family
+        self.program = program
+        self.active = True
+
+    def segments(self, call: SegmentCall) -> Segments | None:
+        if not self.active:
+            return None
+        return self.program.segments(call)
+
+
+def _batch_size(kwargs: dict) -> int:
+    for key in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(key)
+        if value is not None:
+            return int(value.shape[0])
+    raise RoutingError("the forward call has neither input_ids nor inputs_embeds")
+
+
+def _prepend(t: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else torch.cat([block.to(t.dtype), t], dim=1)
+
+
+class ModelHook:
+    """Top-level forward pre-hook: consumes ``route=``, injects prompts and prefixes."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        state: CallState,
+        prompt: SegmentSite | None,
+        prefix: SegmentSite | None,
+        geometry: Any,
+        route_keys: frozenset[str],
+    ):
+        self.model = model
+        self.state = state
+        self.prompt = prompt
+        self.prefix = prefix
+        self.geometry = geometry
+        self.route_keys = route_keys
+
+    # --- routing ------------------------------------------------------------------------
+
+    def _route(self, given: Any, batch: int) -> tuple[str | None, ...] | None:
+        keys = given if given is not None else ROUTE.get()
+        if keys is None:
+            return None
+        if not self.route_keys:
+            raise RoutingError("route= was given, but this composition has no route node")
+        if isinstance(keys, str):
+            keys = [keys] * batch
+        keys = tuple(None if k is None else str(k) for k in keys)
+        if len(keys) != batch:
+            raise RoutingError(f"route= has {len(keys)} keys for a batch of {batch} rows")
+        unknown = sorted({k for k in keys if k is not None and k not in self.route_keys})
+        if unknown:
+            raise RoutingError(f"unknown route keys {unknown}; this composition routes {sorted(self.route_keys)}")
+        return keys
+
+    # --- the hook -----------------------------------------------------------------------
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        route = kwargs.pop("route", None)
+        if self.prompt is None and self.prefix is None:
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            batch = int(first.shape[0]) if first is not None else _batch_size(kwargs)
+            self.state.begin(self._route(route, batch))
+            return args, kwargs
+        if args:
+            if len(args) > 1 or "input_ids" in kwargs:
+                raise TypeError("pass the model's inputs as keyword arguments (input_ids=..., attention_mask=...)")
+            kwargs = {"input_ids": args[0], **kwargs}
+        batch = _batch_size(kwargs)
+        self.state.begin(self._route(route, batch))
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if past == 0:
+            self._first(kwargs, batch, cache)
+        else:
+            self._later(kwargs, cache, past)
+        return (), kwargs
+
+    def _first(self, kwargs: dict, batch: int, cache: Any) -> None:
+        embed = self.model.get_input_embeddings()
+        dtype, device = embed.weight.dtype, embed.weight.device
+        call = SegmentCall(batch, self.state, dtype, device)
+        prefix = self.prefix.segments(call) if self.prefix is not None else None
+        prompt = self.prompt.segments(call) if self.prompt is not None else None
+        if prefix is None and prompt is None:
+            return
+        ids = kwargs.get("input_ids")
+        length = int((ids if ids is not None else kwargs["inputs_embeds"]).shape[1])
+        parts = [s.mask() for s in (prefix, prompt) if s is not None]
+        virtual_mask = torch.cat(parts, dim=1)
+        padded = not bool(virtual_mask.all())
+        if prompt is not None:
+            embeds = kwargs.pop("inputs_embeds", None)
+            if embeds is None:
+                embeds = embed(kwargs.pop("input_ids"))
+            kwargs["input_ids"] = None
+            tokens = prompt.values.to(embeds.dtype)
+            if prompt.valid is not None:
+                tokens = tokens * prompt.valid[..., None].to(tokens.dtype)
+            kwargs["inputs_embeds"] = torch.cat([tokens, embeds], dim=1)
+            n = prompt.length
+            if kwargs.get("labels") is not None:
+                kwargs["labels"] = _prepend(kwargs["labels"], torch.full((batch, n), -100, device=device))
+            if kwargs.get("token_type_ids") is not None:
+                kwargs["token_type_ids"] = _prepend(kwargs["token_type_ids"], torch.zeros(batch, n, dtype=torch.long, device=device))
+        if prefix is not None:
+            cache = self._fill_cache(cache, prefix)
+            kwargs["past_key_values"] = cache
+        mask = kwargs.get("attention_mask")
+        real = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=device)
+        kwargs["attention_mask"] = torch.cat([virtual_mask.to(real.dtype), real], dim=1)
+        given = kwargs.get("position_ids")
+        if padded or given is not None:
+            kwargs["position_ids"] = self._positions(given, prefix, prompt, batch, length, device)
+        if cache is not None or prefix is not None:
+            target = kwargs.get("past_key_values")
+            if target is not None:
+                setattr(target, VIRTUAL, virtual_mask)
+
+    def _fill_cache(self, cache: Any, prefix: Segments) -> Any:
+        from transformers import DynamicCache
+
+        if cache is None:
+            cache = DynamicCache(config=self.model.config)
+        values = prefix.values  # [B, n, L, 2, H, hd]
+        for layer in range(values.shape[2]):
+            k = values[:, :, layer, 0].transpose(1, 2)  # [B, H, n, hd]
+            v = values[:, :, layer, 1].transpose(1, 2)
+            cache.update(k, v, layer)
+        return cache
+
+    @staticmethod
+    def _positions(given, prefix, prompt, batch, length, device) -> torch.Tensor:
+        """Explicit positions: valid virtual slots count up from 0, real tokens follow them."""
+        offset = torch.zeros(batch, dtype=torch.long, device=device)
+        if prefix is not None:
+            offset = offset + prefix.mask().long().sum(1)
+        blocks = []
+        if prompt is not None:
+            valid = prompt.mask().long()
+            blocks.append(((valid.cumsum(1) - 1).clamp(min=0) + offset[:, None]) * valid)
+            offset = offset + valid.sum(1)
+        base = given if given is not None else torch.arange(length, device=device).expand(batch, length)
+        blocks.append(base + offset[:, None])
+        return torch.cat(blocks, dim=1)
+
+    def _later(self, kwargs: dict, cache: Any, past: int) -> None:
+        virtual = getattr(cache, VIRTUAL, None)
+        if virtual is None:
+            return
+        v = int(virtual.shape[1])
+        ids = kwargs.get("input_ids")
+        length = int((ids if ids is not None else kwargs["inputs_embeds"]).shape[1])
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] + v == past + length:
+            kwargs["attention_mask"] = torch.cat([virtual.to(mask.dtype), mask], dim=1)
+        counts = virtual.long().sum(1)
+        given = kwargs.get("position_ids")
+        if given is not None:
+            kwargs["position_ids"] = given + counts[:, None]
+        elif not bool(virtual.all()):
+            start = past - v
+            base = torch.arange(start, start + length, device=counts.device)
+            kwargs["position_ids"] = base[None, :] + counts[:, None]

@@ -1,0 +1,132 @@
+"""Sublayer sites: adapters on a sublayer's result (attention or feed-forward), before the residual add.
+
+A sublayer site wraps the module whose output is the sublayer's result (``output`` in the
+architecture's ``Sublayer`` role) and sees the sublayer's input x (the ``input`` module's
+first argument). Every op is residual:
+
+    sublayer.output    h ↦ h + f(h)       (Houlsby / Pfeiffer bottleneck adapters)
+    sublayer.parallel  h ↦ h + f(x)       (He et al. parallel adapter)
+
+A program returns the *total residual* r, and the site returns h + r. Stack chains its
+children (each sees the previous one's result; the residuals add up), and weighted
+operators combine residuals: h + Σ cᵢ rᵢ.
+
+Method modules implement ``forward(h, x) -> f`` (the residual of one op), where ``h`` is the
+current value and ``x`` the sublayer input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..sites import SiteInfo
+from .state import CallState
+
+
+class SublayerCall:
+    """Per-forward scratch of a sublayer site: the sublayer input, the call state."""
+
+    __slots__ = ("x", "state", "site")
+
+    def __init__(self, site: SublayerSite, x: torch.Tensor | None):
+        self.site = site
+        self.x = x
+        self.state = site.state
+
+
+def residual_stack(children: Sequence[nn.Module], h: torch.Tensor, call: SublayerCall) -> torch.Tensor | None:
+    """Children in order, each on the previous one's result; the sum of their residuals."""
+    total = None
+    current = h
+    for child in children:
+        r = child.sublayer_residual(current, call)
+        if r is None:
+            continue
+        current = current + r
+        total = r if total is None else total + r
+    return total
+
+
+def residual_weighted(coefs: Sequence[Any], residuals: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    total = None
+    for c, r in zip(coefs, residuals, strict=True):
+        if r is not None:
+            total = c * r if total is None else total + c * r
+    return total
+
+
+class SublayerLeaf(nn.Module):
+    """One adapter's op at a sublayer site."""
+
+    def __init__(self, adapter: str, kind: str, module: nn.Module, info: SiteInfo):
+        super().__init__()
+        self.adapter = adapter
+        self.kind = kind
+        self.op = module
+        self.key = info.key
+
+    def sublayer_residual(self, h: torch.Tensor, call: SublayerCall) -> torch.Tensor:
+        if self.kind == "sublayer.parallel":
+            if call.x is None:
+                raise RuntimeError(f"sublayer site {call.site.path!r} did not receive its input")
+            source = call.x
+        else:
+            source = h
+        dtype = next(self.op.parameters()).dtype
+        out = self.op(source.to(dtype))
+        return out.to(h.dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapter={self.adapter!r}, kind={self.kind}"
+
+
+def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    value = kwargs.get("hidden_states")
+    return value if isinstance(value, torch.Tensor) else None
+
+
+class SublayerSite(nn.Module):
+    """Wraps the module producing a sublayer's result; adds the program's residual to it."""
+
+    def __init__(self, base: nn.Module, info: SiteInfo, program: nn.Module):
+        super().__init__()
+        self.base = base
+        self.program = program
+        self.path = info.path
+        self.input_path = info.input_path or info.path
+        self.state: CallState | None = None
+        self.active = True
+        self._pending: torch.Tensor | None = None  # the sublayer input, from the input module's hook
+
+    @property
+    def own_input(self) -> bool:
+        return self.input_path == self.path
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the input module (when it is not this module)."""
+        self._pending = _first_arg(args, kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base(*args, **kwargs)
+        if not self.active:
+            return out
+        if self.own_input:
+            x = _first_arg(args, kwargs)
+        else:
+            x, self._pending = self._pending, None
+        h = out[0] if isinstance(out, tuple) else out
+        r = self.program.sublayer_residual(h, SublayerCall(self, x))
+        if r is None:
+            return out
+        h = h + r
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    def extra_repr(self) -> str:
+        where = "" if self.own_input else f", input from {self.input_path!r}"
+        return f"path={self.path!r}{where}"
