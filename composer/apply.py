@@ -65,6 +65,7 @@ class Patch:
     hooks: list[RemovableHandle] = field(default_factory=list)
     requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
     added_attrs: list[tuple[nn.Module, str]] = field(default_factory=list)
+    model_hook: ModelHook | None = None
     undone: bool = False
 
 
@@ -175,9 +176,6 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 def patch_model(model: nn.Module, rt: Runtime, state: CallState, plan: Plan, geometry: object = None) -> Patch:
     """Freeze the base, swap the site modules in, install the forward hook; return how to undo it."""
     patch = Patch()
-    adapter_params = {id(p) for m in rt.all_modules() for p in m.parameters()} - {
-        id(p) for p in model.parameters()
-    }
     try:
         for p in model.parameters():
             patch.requires_grad.append((p, p.requires_grad))
@@ -202,6 +200,7 @@ def patch_model(model: nn.Module, rt: Runtime, state: CallState, plan: Plan, geo
             route_keys,
         )
         patch.hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+        patch.model_hook = hook
         if not rt.container.is_empty():
             if hasattr(model, CONTAINER_ATTR):
                 raise RuntimeError(f"the model already has an attribute {CONTAINER_ATTR!r}")
@@ -209,9 +208,6 @@ def patch_model(model: nn.Module, rt: Runtime, state: CallState, plan: Plan, geo
             patch.added_attrs.append((model, CONTAINER_ATTR))
         for m in rt.all_modules():
             m.train(model.training)  # new modules start in training mode; follow the model
-            for p in m.parameters():
-                if id(p) in adapter_params:
-                    p.requires_grad_(True)
     except BaseException:
         undo_patch(patch)
         raise

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,66 @@ class Composed:
         adapter_ids = {id(p) for p in self.parameters()}
         base = sum(p.numel() for p in self.model.parameters() if id(p) not in adapter_ids)
         return ParameterReport(per_adapter, per_operator, trainable, base)
+
+    # --- routing and gates ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def routing(self, keys: Sequence[str | None] | str | None) -> Iterator[None]:
+        """Route every forward call inside the block: one key per batch row (or one key
+        for all rows); ``None`` rows use the base model. Also works around ``generate()``."""
+        from .runtime.model import ROUTE
+
+        token = ROUTE.set(None if keys is None else (keys if isinstance(keys, str) else tuple(keys)))
+        try:
+            yield
+        finally:
+            ROUTE.reset(token)
+
+    @contextlib.contextmanager
+    def record_gates(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Record the gate values of every mix site during the block: ``{"node@site": gates}``."""
+        recorded: dict[str, torch.Tensor] = {}
+        previous = self.state.record_gates
+        self.state.record_gates = True
+        try:
+            yield recorded
+        finally:
+            recorded.update(self.state.gates)
+            self.state.record_gates = previous
+
+    def aux_loss(self) -> torch.Tensor:
+        """The load-balancing losses of the last forward call (mix sites), summed; add it to the
+        task loss while training. Zero when the composition has no mix."""
+        losses = list(self.state.aux_losses.values())
+        if not losses:
+            return torch.zeros(())
+        return torch.stack([loss.float() for loss in losses]).sum()
+
+    # --- hot swap (see composer.hotswap) ----------------------------------------------
+
+    def add_adapter(self, name: str, method: str, *, route: str, key: str, **kwargs: Any) -> AdapterHandle:
+        """Serve a new adapter under route node ``route`` for ``key``, without re-composing."""
+        from .hotswap import add_adapter
+
+        return add_adapter(self, name, method, route=route, key=key, **kwargs)
+
+    def load_adapter(self, directory: str | Path, *, name: str, route: str, key: str, adapter: str | None = None) -> AdapterHandle:
+        """Serve an adapter from disk (PEFT directory or saved composition) under ``route``."""
+        from .hotswap import load_adapter
+
+        return load_adapter(self, directory, name=name, route=route, key=key, adapter=adapter)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name`` (which sits under route nodes only)."""
+        from .hotswap import remove_adapter
+
+        remove_adapter(self, name)
+
+    def replace_weights(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load new weights into adapter ``name`` in place (same shapes)."""
+        from .hotswap import replace_weights
+
+        replace_weights(self, name, tensors)
 
     # --- merging ----------------------------------------------------------------------
 

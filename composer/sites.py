@@ -323,6 +323,8 @@ class Resolver:
     def _site(self, spec, method, loc, kind, family, diags) -> SiteInfo | None:
         try:
             module = self.model.get_submodule(loc.path)
+            while getattr(module, "is_composer_site", False):  # a live composition (hot swap)
+                module = module.base
         except AttributeError:
             diags.append(
                 Diagnostic(

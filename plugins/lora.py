@@ -119,6 +119,12 @@ class LoRA(nn.Module):
     def delta_weight(self, site: Any) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
 
+    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, s) when Δ(x) = s·B A x exactly (not while dropout is active)."""
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return None
+        return self.lora_A, self.lora_B, self.scale
+
     def extra_repr(self) -> str:
         return f"r={self.lora_A.shape[0]}, scale={self.scale:g}"
 

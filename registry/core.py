@@ -27,6 +27,8 @@ ENTRY_POINT_GROUP = "adapter_composer"
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.sites",
     "plugins.operators",
+    "plugins.route",
+    "plugins.mix",
     "plugins.architectures",
     "plugins.lora",
     "plugins.ia3",

@@ -235,6 +235,8 @@ class Leaf(nn.Module):
 class LinearSite(nn.Module):
     """Replaces a linear layer: ``base`` is the original module, ``program`` the compiled ops."""
 
+    is_composer_site = True  # lets target resolution see through an applied site
+
     def __init__(self, base: nn.Module, info: SiteInfo, program: nn.Module, has_scale_in: bool):
         super().__init__()
         self.base = base

@@ -157,19 +157,19 @@ class ModelHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         route = kwargs.pop("route", None)
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         if self.prompt is None and self.prefix is None:
             first = args[0] if args and isinstance(args[0], torch.Tensor) else None
             batch = int(first.shape[0]) if first is not None else _batch_size(kwargs)
-            self.state.begin(self._route(route, batch))
+            self.state.begin(self._route(route, batch), continuing=past > 0)
             return args, kwargs
         if args:
             if len(args) > 1 or "input_ids" in kwargs:
                 raise TypeError("pass the model's inputs as keyword arguments (input_ids=..., attention_mask=...)")
             kwargs = {"input_ids": args[0], **kwargs}
         batch = _batch_size(kwargs)
-        self.state.begin(self._route(route, batch))
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self.state.begin(self._route(route, batch), continuing=past > 0)
         if past == 0:
             self._first(kwargs, batch, cache)
         else:

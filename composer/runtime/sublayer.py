@@ -94,6 +94,8 @@ def _first_arg(args: tuple, kwargs: dict) -> torch.Tensor | None:
 class SublayerSite(nn.Module):
     """Wraps the module producing a sublayer's result; adds the program's residual to it."""
 
+    is_composer_site = True  # lets target resolution see through an applied site
+
     def __init__(self, base: nn.Module, info: SiteInfo, program: nn.Module):
         super().__init__()
         self.base = base

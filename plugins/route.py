@@ -1,0 +1,193 @@
+"""The route operator: per-example selection of a child by key, in one batch.
+
+    route{sst2: a, mrpc: b}     row i gets child[key_i]; rows without a key get the base model
+
+Keys come with the call: ``model(**batch, route=["sst2", "mrpc", None, ...])`` or
+``with composed.routing(keys): ...``. Each site computes its children on their own rows
+only (grouped), or, when every child is a plain low-rank delta, gathers one A/B pair per
+row and runs two batched matmuls whatever the number of adapters. Prompt and prefix
+adapters are routed too: rows are left-padded with masked virtual slots to the longest
+child, and positions are computed per row, so every row sees exactly what its adapter
+alone would give (the output has the longest child's number of extra positions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from composer.errors import RoutingError
+from composer.runtime.linear import NF
+from composer.runtime.lowrank import LowRankBank, lowrank_of, routed_delta
+from composer.runtime.model import SegmentCall, Segments
+from composer.runtime.sublayer import SublayerCall
+from registry import hookimpl
+
+
+class RouteOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    default: str | None = Field(None, description="key used for rows given no key (None: those rows use the base model)")
+
+
+class RouteNode(nn.Module):
+    def __init__(self, children: list[nn.Module], keys: tuple[str, ...], default: str | None, node: str):
+        super().__init__()
+        self.items = nn.ModuleList(children)
+        self.keys = list(keys)
+        self.default = default
+        self.node = node
+        self.bank = LowRankBank()
+
+    # --- membership (hot swap) --------------------------------------------------------
+
+    def set_child(self, key: str, child: nn.Module) -> None:
+        """Add or replace the child for ``key`` (hot swap); O(1) in the number of children."""
+        if key in self.keys:
+            self.items[self.keys.index(key)] = child
+        else:
+            self.items.append(child)
+            self.keys.append(key)
+
+    def remove_child(self, key: str) -> None:
+        i = self.keys.index(key)
+        del self.items[i]
+        del self.keys[i]
+
+    # --- which row goes where ---------------------------------------------------------
+
+    def _slots(self, call: Any, batch: int, device: torch.device) -> torch.Tensor | None:
+        """Child index per row (len(children) = no adapter), memoised for the call."""
+        route = call.state.route if call.state is not None else None
+        if route is None and self.default is None:
+            return None
+        memo = (id(self), tuple(self.keys), device)
+        cached = call.state.cache.get(memo) if call.state is not None else None
+        if cached is not None:
+            return cached
+        if route is None:
+            route = (None,) * batch
+        if len(route) != batch:
+            raise RoutingError(f"route node {self.node!r}: {len(route)} keys for a batch of {batch} rows")
+        index = {k: i for i, k in enumerate(self.keys)}
+        none = len(self.keys)
+        slots = torch.tensor([index.get(self.default if k is None else k, none) for k in route], device=device)
+        if call.state is not None:
+            call.state.cache[memo] = slots
+        return slots
+
+    def _groups(self, slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        present = torch.unique(slots).tolist()
+        return [(i, (slots == i).nonzero().flatten()) for i in present if i < len(self.keys)]
+
+    # --- linear sites -----------------------------------------------------------------
+
+    def linear_nf(self, x: torch.Tensor, call: Any) -> NF:
+        slots = self._slots(call, x.shape[0], x.device)
+        if slots is None or not self.keys:
+            return NF()
+        parts = [lowrank_of(c) for c in self.items]
+        if all(p is not None for p in parts):
+            a, b = self.bank.get(parts)
+            dtype = a.dtype
+            e = routed_delta(x.to(dtype), a, b, slots)
+            return NF(e=e)
+        return self._grouped_nf(x, call, slots)
+
+    def _grouped_nf(self, x: torch.Tensor, call: Any, slots: torch.Tensor) -> NF:
+        out = NF()
+        batch = x.shape[0]
+        for i, rows in self._groups(slots):
+            sub = self.items[i].linear_nf(x.index_select(0, rows), call)
+            for name in ("a", "b", "e"):
+                value = getattr(sub, name)
+                if value is None:
+                    continue
+                if name == "e":
+                    full = getattr(out, name)
+                    if full is None:
+                        full = value.new_zeros(batch, *value.shape[1:])
+                    setattr(out, name, full.index_copy(0, rows, value))
+                else:
+                    rows_value = value.expand(len(rows), *([1] * (x.dim() - 2)), value.shape[-1]) if value.dim() == 1 else value
+                    full = getattr(out, name)
+                    if full is None:
+                        full = rows_value.new_ones(batch, *rows_value.shape[1:])
+                    setattr(out, name, full.index_copy(0, rows, rows_value))
+        return out
+
+    def linear_fold(self, site):
+        raise TypeError(f"route node {self.node!r} depends on the input and cannot be folded into weights")
+
+    # --- sublayer sites ---------------------------------------------------------------
+
+    def sublayer_residual(self, h: torch.Tensor, call: SublayerCall) -> torch.Tensor | None:
+        slots = self._slots(call, h.shape[0], h.device)
+        if slots is None:
+            return None
+        total = None
+        for i, rows in self._groups(slots):
+            sub_call = SublayerCall(call.site, None if call.x is None else call.x.index_select(0, rows))
+            r = self.items[i].sublayer_residual(h.index_select(0, rows), sub_call)
+            if r is None:
+                continue
+            total = h.new_zeros(h.shape) if total is None else total
+            total = total.index_copy(0, rows, r.to(total.dtype))
+        return total
+
+    # --- prompt and prefix sites ------------------------------------------------------
+
+    def segments(self, call: SegmentCall) -> Segments | None:
+        slots = self._slots(call, call.batch, call.device)
+        if slots is None:
+            return None
+        one = SegmentCall(1, call.state, call.dtype, call.device)
+        per_child = [c.segments(one) for c in self.items]
+        longest = max((s.length for s in per_child if s is not None), default=0)
+        if longest == 0:
+            return None
+        template = next(s.values for s in per_child if s is not None)
+        rows, valid = [], []
+        for slot in slots.tolist():
+            seg = per_child[slot] if slot < len(per_child) else None
+            n = 0 if seg is None else seg.length
+            pad = template.new_zeros(longest - n, *template.shape[2:])
+            rows.append(pad if seg is None else torch.cat([pad, seg.values[0]], 0))
+            valid.append(torch.arange(longest, device=call.device) >= longest - n)
+        return Segments(torch.stack(rows), torch.stack(valid))
+
+    def extra_repr(self) -> str:
+        return f"node={self.node!r}, keys={self.keys}, default={self.default!r}"
+
+
+def _route(children, options: RouteOptions, keys, shared, ctx):
+    return RouteNode(children, keys, options.default, ctx.node)
+
+
+def _check(options: RouteOptions, n_children: int, keys) -> list[str]:
+    if options.default is not None and keys is not None and options.default not in keys:
+        return [f"default key {options.default!r} is not one of the route's keys {list(keys)}"]
+    return []
+
+
+@hookimpl
+def register_operators(register):
+    register.operator(
+        "route",
+        options=RouteOptions,
+        families={"linear": _route, "sublayer": _route, "prompt": _route, "prefix": _route},
+        keyed=True,
+        check=_check,
+        description="Per-example selection by key in one batch; rows without a key use the base model.",
+    )
+
+
+@hookimpl
+def register_rules(register):
+    for inner in ("stack", "sum", "mix"):
+        register.nesting("route", inner, allowed=True, reason="each route branch may be any composition")
+    for outer in ("stack", "sum"):
+        register.nesting(outer, "route", allowed=True, reason="a routed part inside an ordered or summed composition")
+    register.nesting("route", "route", allowed=False, reason="nested routes would need two keys per row")
