@@ -338,6 +338,14 @@ class Composed:
             left.update(n for n in d.nodes if n in self.adapters)
         return sorted(left)
 
+    def merge_sum(self, node: str, strategy: str = "linear", **options: Any) -> Any:
+        """Merge the adapters under sum node ``node`` into one update per site with a named
+        strategy (linear, cat: exact; svd, ties, dare: approximate, with their error).
+        See :mod:`composer.merging`."""
+        from .merging import merge_sum
+
+        return merge_sum(self, node, strategy, **options)
+
     def unmerge(self) -> None:
         """Restore the weights saved by :meth:`merge` (bit-identical)."""
         for site in self._rt.sites.values():

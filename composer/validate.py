@@ -330,37 +330,30 @@ def _check_sites(a: Analysis) -> None:
         where = path or "<model>"
         for leaf, ancestors in _walk(prog):
             for node in ancestors:
-                if node.implicit:
+                if node.implicit or (leaf.adapter, node.node) in refused:
                     continue
                 record = reg.operators.get(node.operator)
-                if (
-                    record is not None
-                    and family not in record.families
-                    and (leaf.adapter, node.node) not in refused
-                ):
-                    refused[(leaf.adapter, node.node)] = Diagnostic(
-                        code="unsupported-operator",
-                        message=f"{node.operator} node {node.node!r} cannot combine {family} sites, where adapter {leaf.adapter!r} ({leaf.method}) acts",
-                        nodes=(node.node, leaf.adapter),
-                        sites=(where,),
-                        rule=f"{node.operator} is implemented for: {', '.join(sorted(record.families))}",
-                        fix="compose this adapter with an operator that supports its sites",
-                    )
                 for r in reg.rules.refusals:
-                    if r.operator == node.operator and (
-                        r.method == leaf.method or r.kind == leaf.kind
-                    ):
-                        refused.setdefault(
-                            (leaf.adapter, node.node),
-                            Diagnostic(
-                                code="unsupported-operator",
-                                message=f"adapter {leaf.adapter!r} ({leaf.method}, {leaf.kind}) cannot be composed under {node.operator} node {node.node!r}: {r.reason}",
-                                nodes=(node.node, leaf.adapter),
-                                sites=(where,),
-                                rule="method × operator table (README)",
-                                fix=r.fix or "compose it with another operator",
-                                plugin=r.plugin,
-                            ),
+                    if r.operator == node.operator and (r.method == leaf.method or r.kind == leaf.kind):
+                        refused[(leaf.adapter, node.node)] = Diagnostic(
+                            code="unsupported-operator",
+                            message=f"adapter {leaf.adapter!r} ({leaf.method}, {leaf.kind}) cannot be composed under {node.operator} node {node.node!r}: {r.reason}",
+                            nodes=(node.node, leaf.adapter),
+                            sites=(where,),
+                            rule="method × operator table (README)",
+                            fix=r.fix or "compose it with another operator",
+                            plugin=r.plugin,
+                        )
+                        break
+                else:
+                    if record is not None and family not in record.families:
+                        refused[(leaf.adapter, node.node)] = Diagnostic(
+                            code="unsupported-operator",
+                            message=f"{node.operator} node {node.node!r} cannot combine {family} sites, where adapter {leaf.adapter!r} ({leaf.method}) acts",
+                            nodes=(node.node, leaf.adapter),
+                            sites=(where,),
+                            rule=f"{node.operator} is implemented for: {', '.join(sorted(record.families))}",
+                            fix="compose this adapter with an operator that supports its sites",
                         )
         for node in _opnodes(prog):
             if node.implicit and node.node == "<roots>":

@@ -62,8 +62,9 @@ class SumWeights(nn.Module):
 
 
 class SumNode(nn.Module):
-    def __init__(self, children: list[nn.Module], weights: Any, index: list[int]):
+    def __init__(self, children: list[nn.Module], weights: Any, index: list[int], node: str = ""):
         super().__init__()
+        self.node = node
         self.items = nn.ModuleList(children)
         self.shared = weights  # a SharedRef to the node's SumWeights
         self.index = index  # which of the node's weights each present child uses
@@ -87,7 +88,7 @@ def _stack(children, options, keys, shared, ctx):
 
 
 def _sum(children, options, keys, shared, ctx):
-    return SumNode(children, shared, list(ctx.present))
+    return SumNode(children, shared, list(ctx.present), ctx.node)
 
 
 def _sum_shared(options: SumOptions, n_children: int) -> SumWeights:
