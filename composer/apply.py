@@ -201,6 +201,9 @@ def patch_model(model: nn.Module, rt: Runtime, state: CallState, plan: Plan, geo
         )
         patch.hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True))
         patch.model_hook = hook
+        if route_keys and callable(getattr(model, "generate", None)) and "generate" not in vars(model):
+            model.generate = _generate_with_route(model.generate)  # accepts route=..., see below
+            patch.added_attrs.append((model, "generate"))
         if not rt.container.is_empty():
             if hasattr(model, CONTAINER_ATTR):
                 raise RuntimeError(f"the model already has an attribute {CONTAINER_ATTR!r}")
@@ -212,6 +215,26 @@ def patch_model(model: nn.Module, rt: Runtime, state: CallState, plan: Plan, geo
         undo_patch(patch)
         raise
     return patch
+
+
+def _generate_with_route(generate):
+    """``model.generate(..., route=keys)``: transformers validates generate's keyword
+    arguments, so the keys travel in the routing context instead."""
+    import functools
+
+    from .runtime.model import ROUTE
+
+    @functools.wraps(generate)
+    def wrapper(*args, route=None, **kwargs):
+        if route is None:
+            return generate(*args, **kwargs)
+        token = ROUTE.set(route if isinstance(route, str) else tuple(route))
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            ROUTE.reset(token)
+
+    return wrapper
 
 
 def _opnodes(prog: Program):

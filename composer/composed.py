@@ -81,7 +81,7 @@ class AdapterHandle:
                 targets[f"shared.{k}"] = v
         for k, t in tensors.items():
             dst = targets[k]
-            dst.data.copy_(t.to(device=dst.device, dtype=dst.dtype))
+            dst.copy_(t.to(device=dst.device, dtype=dst.dtype))  # (not .data: keep version counters honest)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -299,4 +299,4 @@ def load(
 def _load_operator_tensors(composed: Any, tensors: Mapping[str, torch.Tensor]) -> None:
     for node, module in composed._rt.shared.items():
         for k, v in module.state_dict(keep_vars=True).items():
-            v.data.copy_(tensors[f"{node}.{k}"].to(dtype=v.dtype, device=v.device))
+            v.copy_(tensors[f"{node}.{k}"].to(dtype=v.dtype, device=v.device))

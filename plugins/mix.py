@@ -55,28 +55,29 @@ class MixNode(nn.Module):
     def gates(self, source: torch.Tensor, state: Any) -> torch.Tensor:
         """Gate values [..., E] for ``source`` [B, T, d] (per sequence: [B, 1, E])."""
         opts = self.options
+        label = f"{self.node}@{self.where}"
         sticky_key = (id(self), "gates")
-        if opts.granularity == "sequence":
-            if state is not None and state.continuing and sticky_key in state.sticky:
-                return state.sticky[sticky_key]
-            source = source.mean(dim=1, keepdim=True) if source.dim() == 3 else source
-        logits = self.router(source.to(self.router.weight.dtype)) / opts.temperature
-        probs = logits.softmax(-1)
-        if opts.top_k is not None and opts.top_k < probs.shape[-1]:
-            top, index = logits.topk(opts.top_k, dim=-1)
-            gates = torch.zeros_like(probs).scatter(-1, index, top.softmax(-1))
-            chosen = torch.zeros_like(probs).scatter(-1, index, 1.0)
+        if opts.granularity == "sequence" and state is not None and state.continuing and sticky_key in state.sticky:
+            gates = state.sticky[sticky_key]  # computed at the prefill of this generation
         else:
-            gates, chosen = probs, torch.ones_like(probs)
-        if state is not None:
-            label = f"{self.node}@{self.where}"
-            share = chosen.reshape(-1, chosen.shape[-1]).mean(0) / chosen.sum(-1).mean()
-            mean_prob = probs.reshape(-1, probs.shape[-1]).mean(0)
-            state.aux_losses[label] = opts.aux_loss_weight * probs.shape[-1] * (share * mean_prob).sum()
-            if state.record_gates:
-                state.gates[label] = gates.detach()
-            if opts.granularity == "sequence":
-                state.sticky[sticky_key] = gates
+            if opts.granularity == "sequence" and source.dim() == 3:
+                source = source.mean(dim=1, keepdim=True)
+            logits = self.router(source.to(self.router.weight.dtype)) / opts.temperature
+            probs = logits.softmax(-1)
+            if opts.top_k is not None and opts.top_k < probs.shape[-1]:
+                top, index = logits.topk(opts.top_k, dim=-1)
+                gates = torch.zeros_like(probs).scatter(-1, index, top.softmax(-1))
+                chosen = torch.zeros_like(probs).scatter(-1, index, 1.0)
+            else:
+                gates, chosen = probs, torch.ones_like(probs)
+            if state is not None:
+                share = chosen.reshape(-1, chosen.shape[-1]).mean(0) / chosen.sum(-1).mean()
+                mean_prob = probs.reshape(-1, probs.shape[-1]).mean(0)
+                state.aux_losses[label] = opts.aux_loss_weight * probs.shape[-1] * (share * mean_prob).sum()
+                if opts.granularity == "sequence":
+                    state.sticky[sticky_key] = gates
+        if state is not None and state.record_gates:
+            state.gates[label] = gates.detach()
         return gates
 
     # --- linear sites -----------------------------------------------------------------

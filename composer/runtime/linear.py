@@ -308,9 +308,9 @@ class LinearSite(nn.Module):
             None if self.base.bias is None else self.base.bias.data.clone(),
         )
         target = w if isinstance(self.base, nn.Linear) else w.t()
-        weight.data.copy_(target.to(weight.dtype))
+        weight.copy_(target.to(weight.dtype))
         if bias is not None and self.base.bias is not None:
-            self.base.bias.data.copy_(bias.to(self.base.bias.dtype))
+            self.base.bias.copy_(bias.to(self.base.bias.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -318,9 +318,9 @@ class LinearSite(nn.Module):
         if not self.merged:
             return
         w, b = self._originals
-        self.base.weight.data.copy_(w)
+        self.base.weight.copy_(w)
         if b is not None:
-            self.base.bias.data.copy_(b)
+            self.base.bias.copy_(b)
         self._originals = None
         self.merged = False
 
