@@ -247,3 +247,67 @@ def test_hot_swap_refusals(registry):
     with pytest.raises(ComposerError, match="do not fit"):
         composed.replace_weights("t0", {"layers.0.attn.q.lora_A": torch.zeros(1)})
     assert "x" not in composed.adapters and "x" not in composed.graph
+
+
+# --- nesting --------------------------------------------------------------------------
+
+
+def test_route_over_stacks_equals_each_stack_alone(registry):
+    model = tiny_llama()
+    g = Graph()
+    g.adapter("shared", "lora", r=2, targets=["attn.q", "attn.v"])
+    g.adapter("x", "lora", r=3, targets=["attn.v", "mlp.down"])
+    g.adapter("y", "lora", r=2, dora=True, targets=["attn.q"])
+    g.route({"kx": g.stack("shared", "x"), "ky": g.stack("shared", "y")}, name="r")
+    composed = composer.compose(model, g, registry=registry)
+    randomize(composed, std=0.3)
+    batch = inputs(batch=3)
+    with torch.no_grad():
+        routed = model(**batch, route=["ky", "kx", None]).logits
+    for row, members in enumerate([("shared", "y"), ("shared", "x"), ()]):
+        reference = tiny_llama()
+        if members:
+            g2 = Graph()
+            for name in members:
+                spec = g.spec(name)
+                g2.adapter(name, "lora", targets=list(spec.targets), **spec.config)
+            alone = composer.compose(reference, g2, registry=registry)
+            for name in members:
+                alone.adapters[name].load_tensors(composed.adapters[name].state_dict())
+        torch.testing.assert_close(routed[row : row + 1], output(reference, {k: v[row : row + 1] for k, v in batch.items()}), rtol=0, atol=2e-5)
+
+
+def test_mix_inside_a_stack(registry):
+    model = tiny_llama()
+    g = Graph()
+    for name in ("e0", "e1", "c"):
+        g.adapter(name, "lora", r=2, targets=["attn.q"])
+    g.stack(g.mix("e0", "e1", top_k=1, name="m"), "c")
+    composed = composer.compose(model, g, registry=registry)
+    randomize(composed, std=0.3)
+    for node in _mix_nodes(composed):
+        with torch.no_grad():
+            node.router.bias.copy_(torch.tensor([0.0, 1e3]))
+    reference = tiny_llama()
+    g2 = Graph()
+    for name in ("e1", "c"):
+        g2.adapter(name, "lora", r=2, targets=["attn.q"])
+    alone = composer.compose(reference, g2, registry=registry)
+    for name in ("e1", "c"):
+        alone.adapters[name].load_tensors(composed.adapters[name].state_dict())
+    batch = inputs()
+    torch.testing.assert_close(output(model, batch), output(reference, batch), rtol=0, atol=2e-5)
+
+
+def test_forbidden_nesting_prints_the_allowed_table(registry):
+    g = Graph()
+    g.adapter("a", "lora", targets=["attn.q"])
+    g.adapter("b", "lora", targets=["attn.q"])
+    inner = g.route({"x": "a"}, name="inner")
+    g.route({"y": inner, "z": "b"}, name="outer")
+    g.mix(g.route({"w": "a"}, name="r2"), "b", name="m")
+    diags = composer.validate(g, registry, tiny_llama())
+    nesting = [d for d in diags if d.code == "forbidden-nesting"]
+    assert len(nesting) == 2
+    assert "nested routes would need two keys per row" in nesting[0].message + nesting[1].message
+    assert "route ⊃ stack" in nesting[0].rule and "stack ⊃ mix" in nesting[0].rule
