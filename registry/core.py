@@ -36,6 +36,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.adalora",
     "plugins.loftq",
     "plugins.galore",
+    "plugins.prompt",
+    "plugins.prefix",
 )
 
 

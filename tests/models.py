@@ -35,6 +35,17 @@ def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_llama_scaled(seed: int = 0) -> LlamaForCausalLM:
+    """tiny_llama with larger initial weights (std 0.1): logits span a useful range, which
+    input-side methods such as prompt tuning need to show learning in a few steps."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
 def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
     torch.manual_seed(seed)
     cfg = MistralConfig(
@@ -107,6 +118,7 @@ def tiny_roberta(seed: int = 0) -> RobertaModel:
 
 BUILDERS = {
     "llama": tiny_llama,
+    "llama_scaled": tiny_llama_scaled,
     "mistral": tiny_mistral,
     "qwen2": tiny_qwen2,
     "gpt2": tiny_gpt2,
@@ -145,3 +157,23 @@ def state_copy(model) -> dict[str, torch.Tensor]:
 def same_state(model, saved) -> bool:
     now = model.state_dict()
     return set(now) == set(saved) and all(torch.equal(now[k], saved[k]) for k in saved)
+
+
+def tiny_tokenizer(words: list[str]):
+    """A word-level BERT-style tokenizer built in memory ([CLS] a [SEP] b [SEP]), no downloads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )

@@ -112,6 +112,10 @@ def _batch_size(kwargs: dict) -> int:
     raise RoutingError("the forward call has neither input_ids nor inputs_embeds")
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
 def _prepend(t: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else torch.cat([block.to(t.dtype), t], dim=1)
 
@@ -177,6 +181,14 @@ class ModelHook:
         return (), kwargs
 
     def _first(self, kwargs: dict, batch: int, cache: Any) -> None:
+        if self.prefix is not None and self.prefix.active and self.model.training and _checkpointing(self.model):
+            from ..errors import ComposerError
+
+            raise ComposerError(
+                "prefix tuning cannot train under gradient checkpointing: transformers' checkpointed layers "
+                "drop the key/value cache that holds the prefix. Call model.gradient_checkpointing_disable() "
+                "(prompt tuning and the other methods are not affected)."
+            )
         embed = self.model.get_input_embeddings()
         dtype, device = embed.weight.dtype, embed.weight.device
         call = SegmentCall(batch, self.state, dtype, device)
