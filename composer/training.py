@@ -16,6 +16,7 @@ Callbacks are plain objects with any of ``extra_loss(step) -> Tensor | None``,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -77,14 +78,23 @@ def _routes(composed: Any) -> bool:
     return bool(hook is not None and hook.route_keys)
 
 
-def encode_batch(composed: Any, heads: TaskHeads, batch: Mapping[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Run the encoder once for a mixed batch and every row's task head."""
+def encode_batch(composed: Any, heads: Any, batch: Mapping[str, Any], model: Any = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Run the encoder once for a mixed batch and every row's task head (``model`` and
+    ``heads`` may be DistributedDataParallel wrappers)."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     if _routes(composed):
         inputs["route"] = list(batch["tasks"])
-    out = composed.model(**inputs)
+    out = (model or composed.model)(**inputs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     return heads(hidden, batch["attention_mask"], batch["tasks"])
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 @torch.no_grad()
@@ -239,22 +249,32 @@ def train(
     if missing:
         raise ComposerError(f"no head for task(s) {missing}; build TaskHeads with every task")
     names = list(train_tasks or tasks)
+    rank, world = _distributed()
     seed_everything(config.seed)
     examples = {n: tasks[n].encode(tokenizer, "train") for n in names}
-    sampler = MixtureSampler(examples, config.batch_size, config.sampling, config.temperature, config.seed)  # type: ignore[arg-type]
+    # every rank draws its own batches; DDP averages the gradients (the batch is per rank)
+    sampler = MixtureSampler(examples, config.batch_size, config.sampling, config.temperature, config.seed + rank)  # type: ignore[arg-type]
     optimizer = optimizer_factory(composed, heads, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     result = TrainResult(steps=config.steps)
     start = 0
     if resume and out_dir is not None and (last := latest_checkpoint(Path(out_dir))) is not None:
         start = load_checkpoint(last, composed, heads, optimizer, scheduler, sampler)
+    model, head_model = composed.model, heads
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # routed rows leave other adapters without gradients: find_unused_parameters
+        model = DDP(composed.model, find_unused_parameters=True)
+        head_model = DDP(heads, find_unused_parameters=True)
+    writer = out_dir is not None and rank == 0
     pad = tokenizer.pad_token_id or 0
     composed.train()
     heads.train()
-    progress = _progress(config, start)
+    progress = _progress(config if rank == 0 else dataclasses.replace(config, progress=False), start)
     for step in range(start, config.steps):
         batch = collate(sampler.next_batch(), pad)
-        loss = heads.loss(encode_batch(composed, heads, batch), batch["labels"])
+        loss = heads.loss(encode_batch(composed, head_model, batch, model), batch["labels"])
         total = loss + composed.aux_loss()
         for cb in callbacks:
             extra = getattr(cb, "extra_loss", None)
@@ -279,11 +299,11 @@ def train(
         done = step + 1
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
             result.evaluations.append({"step": done, "scores": evaluate(composed, heads, tasks, tokenizer, config.eval_batch_size)})
-        if out_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+        if writer and config.checkpoint_every and done % config.checkpoint_every == 0:
             save_checkpoint(Path(out_dir), done, composed, heads, optimizer, scheduler, sampler, config)
     progress.close()
     result.evaluations.append({"step": config.steps, "scores": evaluate(composed, heads, tasks, tokenizer, config.eval_batch_size)})
-    if out_dir is not None:
+    if writer:
         save_checkpoint(Path(out_dir), config.steps, composed, heads, optimizer, scheduler, sampler, config)
     composed.eval()
     heads.eval()
