@@ -127,6 +127,15 @@ def test_state_lives_in_the_subspace(m, n):
     assert ours == 2 * r * long + r * short < adamw
 
 
+def test_rank_is_clamped_to_the_short_side():
+    w = nn.Parameter(torch.randn(3, 5))
+    opt = GaLoreAdamW([w], galore=True, rank=8)
+    w.grad = torch.randn(3, 5)
+    opt.step()
+    assert opt.state[w]["projector"].shape == (3, 3)
+    assert opt.state[w]["exp_avg"].shape == (3, 5)
+
+
 def test_projector_is_recomputed_every_T_steps_and_only_then(monkeypatch):
     calls: list[torch.Tensor] = []
     real = galore.top_singular_vectors
@@ -340,6 +349,8 @@ def test_full_parameter_training_of_a_plain_model():
     assert groups[0]["galore"] and not groups[1].get("galore", False)
     assert {id(p) for p in flagged} == {id(w) for w in linear} - {id(model.lm_head.weight)}
     assert len(flagged) + len(plain) == len(list(model.parameters()))
+    attention = galore_param_groups(model, lr=3e-3, include=r"self_attn\.")[0]["params"]
+    assert len(attention) == 4 * model.config.num_hidden_layers  # q, k, v, o per layer
     opt = GaLoreAdamW(groups)
     batch = inputs(batch=2, length=12, seed=7)
 
