@@ -18,3 +18,13 @@ def _run(script: str, *args: str) -> str:
 def test_multi_tenant_serving():
     out = _run("multi_tenant_serving.py")
     assert "served 4 requests" in out and "hot-loaded tenant 'hooli'" in out and "retired tenant 'initech'" in out
+
+
+def test_multitask_walkthrough(tmp_path):
+    import json
+
+    out = _run("multitask_walkthrough.py", "--steps", "40", "--out", str(tmp_path))
+    assert "| lora route |" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    for setup in ("lora per task", "lora route", "lora mix"):
+        assert results[setup]["scores"]["sentiment"] > 0.7, results
