@@ -73,9 +73,9 @@ def plan(model: nn.Module, graph: Graph, *, registry: Registry | None = None) ->
 
 
 def _already_composed(model: nn.Module) -> bool:
-    from .runtime.linear import LinearSite
+    from .runtime import CONTAINER_ATTR
 
-    return any(isinstance(m, LinearSite) for m in model.modules())
+    return hasattr(model, CONTAINER_ATTR) or any(getattr(m, "is_composer_site", False) for m in model.modules())
 
 
 def compose(model: nn.Module, graph: Graph, *, registry: Registry | None = None) -> Composed:

@@ -31,6 +31,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "plugins.mix",
     "plugins.architectures",
     "plugins.lora",
+    "plugins.bottleneck",
     "plugins.ia3",
     "plugins.vera",
     "plugins.adalora",

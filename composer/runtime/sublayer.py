@@ -11,8 +11,9 @@ A program returns the *total residual* r, and the site returns h + r. Stack chai
 children (each sees the previous one's result; the residuals add up), and weighted
 operators combine residuals: h + Σ cᵢ rᵢ.
 
-Method modules implement ``forward(h, x) -> f`` (the residual of one op), where ``h`` is the
-current value and ``x`` the sublayer input.
+Method modules implement ``forward(source) -> f(source)``, the residual of one op, where the
+site passes ``h`` (the current value) for ``sublayer.output`` and ``x`` (the sublayer's input)
+for ``sublayer.parallel``.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class SublayerSite(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base(*args, **kwargs)
         if not self.active:
+            self._pending = None
             return out
         if self.own_input:
             x = _first_arg(args, kwargs)
