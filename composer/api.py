@@ -8,7 +8,9 @@ from torch import nn
 
 from registry import Registry, load_registry
 
-from .apply import build_runtime, patch_model
+from registry import Diagnostic
+
+from .apply import block_layers, build_runtime, patch_model
 from .composed import Composed
 from .errors import ComposerError, CompositionError
 from .graph import Graph
@@ -100,7 +102,16 @@ def compose(model: nn.Module, graph: Graph, *, registry: Registry | None = None)
     print_ = fingerprint(model)
     state = CallState()
     runtime = build_runtime(analysis, the_plan, state)
-    patch = patch_model(model, runtime, state, the_plan)
+    block_paths = {}
+    for layer in sorted(block_layers(runtime)):
+        path = analysis.resolver.block_path(layer)
+        if path is None:
+            raise CompositionError(
+                [Diagnostic(code="point-missing", message=f"a per-layer router needs the input of layer {layer}, but the architecture maps no 'block' role",
+                            fix="use router='site', or add a 'block' role to the architecture plugin")]
+            )
+        block_paths[layer] = path
+    patch = patch_model(model, runtime, state, the_plan, block_paths=block_paths)
     return Composed(
         model, graph.copy(), the_plan, registry, analysis, runtime, patch, state, print_
     )

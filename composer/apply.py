@@ -128,8 +128,10 @@ def build_node(
     options = record.options() if prog.implicit else analysis.options[prog.node]
     if not prog.implicit and prog.node not in rt.shared and record.shared is not None:
         n = len(analysis.graph.spec(prog.node).children)
-        rt.shared[prog.node] = record.shared(options, n)
-        rt.container.operators[prog.node] = rt.shared[prog.node]
+        module = record.shared(options, n)
+        if module is not None:
+            rt.shared[prog.node] = module
+            rt.container.operators[prog.node] = module
     ctx = NodeContext(prog.node, sp.path, sp.family, prog.present, state, info)
     shared = SharedRef(rt.shared[prog.node]) if prog.node in rt.shared else None
     return record.families[sp.family](children, options, prog.keys, shared, ctx)
@@ -173,7 +175,22 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), attr
 
 
-def patch_model(model: nn.Module, rt: Runtime, state: CallState, plan: Plan, geometry: object = None) -> Patch:
+def _capture_block_input(state: CallState, layer: int):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("hidden_states")
+        state.block_inputs[layer] = x
+
+    return hook
+
+
+def block_layers(rt: Runtime) -> set[int]:
+    """Layers whose input some runtime node reads (``block_layer``), e.g. per-layer routers."""
+    return {m.block_layer for site in rt.sites.values() for m in site.modules() if getattr(m, "block_layer", None) is not None}
+
+
+def patch_model(
+    model: nn.Module, rt: Runtime, state: CallState, plan: Plan, geometry: object = None, block_paths: dict[int, str] | None = None
+) -> Patch:
     """Freeze the base, swap the site modules in, install the forward hook; return how to undo it."""
     patch = Patch()
     try:
@@ -190,6 +207,9 @@ def patch_model(model: nn.Module, rt: Runtime, state: CallState, plan: Plan, geo
             if family == "sublayer" and not site.own_input:
                 source = model.get_submodule(site.input_path)
                 patch.hooks.append(source.register_forward_pre_hook(site.capture, with_kwargs=True))
+        for layer, path in (block_paths or {}).items():
+            block = model.get_submodule(path)
+            patch.hooks.append(block.register_forward_pre_hook(_capture_block_input(state, layer), with_kwargs=True))
         route_keys = frozenset(k for sp in plan.sites for node in _opnodes(sp.program) if node.keys for k in node.keys)
         hook = ModelHook(
             model,

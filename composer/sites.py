@@ -259,6 +259,12 @@ class Resolver:
             unique.setdefault((loc.path, loc.target), loc)
         return list(unique.values())
 
+    def block_path(self, layer: int) -> str | None:
+        """Module path of layer ``layer`` (the architecture's ``block`` role), if mapped."""
+        if self.arch is None or "block" not in self.arch.roles:
+            return None
+        return self.prefix + self.arch.roles["block"].path.format(i=layer)
+
     # --- sites ------------------------------------------------------------------------
 
     def model_site(self, spec: AdapterSpec, kind: str, diags: list[Diagnostic]) -> SiteInfo | None:

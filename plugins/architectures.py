@@ -5,7 +5,8 @@ Paths are relative to the backbone (``model.base_model``), so the same map serve
 
 Roles: ``attn.q attn.k attn.v attn.o`` (attention projections), ``mlp.gate mlp.up mlp.down``
 (feed-forward), the sublayers ``attn`` and ``mlp`` (their output before the residual add),
-and ``embed`` (the input embeddings).
+``embed`` (the input embeddings) and ``block`` (a whole layer, whose input a per-layer
+router reads).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ LLAMA_ROLES = {
     "attn": Sublayer("layers.{i}.self_attn", "layers.{i}.self_attn"),
     "mlp": Sublayer("layers.{i}.mlp", "layers.{i}.mlp"),
     "embed": Module("embed_tokens"),
+    "block": Module("layers.{i}"),
 }
 
 GPT2_ROLES = {
@@ -55,6 +57,7 @@ GPT2_ROLES = {
     "attn": Sublayer("h.{i}.attn", "h.{i}.attn"),
     "mlp": Sublayer("h.{i}.mlp", "h.{i}.mlp"),
     "embed": Module("wte"),
+    "block": Module("h.{i}"),
 }
 
 BERT_ROLES = {
@@ -68,6 +71,7 @@ BERT_ROLES = {
     "attn": Sublayer("encoder.layer.{i}.attention", "encoder.layer.{i}.attention.output.dense"),
     "mlp": Sublayer("encoder.layer.{i}.intermediate", "encoder.layer.{i}.output.dense"),
     "embed": Module("embeddings.word_embeddings"),
+    "block": Module("encoder.layer.{i}"),
 }
 
 

@@ -6,7 +6,8 @@
     k largest logits and zero elsewhere, and only the selected experts are computed.
 
 Each site has its own router (an affine map from the site's input to one logit per expert,
-zero-initialised so the gate starts uniform). The load-balancing loss of Switch/Mixtral,
+zero-initialised so the gate starts uniform), or, with ``router="layer"``, each layer has one
+router over the layer's input hidden state, shared by all the mix's sites in that layer. The load-balancing loss of Switch/Mixtral,
 E · Σₑ fₑ Pₑ (fₑ: share of tokens whose top-k includes e, Pₑ: mean gate), is recorded per
 site for training (``composed.aux_loss()``); gate values can be recorded for analysis
 (``composed.record_gates()``). Per-sequence gates are computed at the prefill and kept
@@ -34,18 +35,46 @@ class MixOptions(BaseModel):
     granularity: Literal["token", "sequence"] = Field("token", description="one gate per token or per sequence")
     aux_loss_weight: float = Field(0.01, ge=0, description="coefficient of the load-balancing loss")
     train_experts: bool = Field(True, description="train the experts jointly with the routers (False: routers only)")
+    router: Literal["site", "layer"] = Field(
+        "site", description="one router per site over its input, or one per layer over the layer's input (shared by its sites)"
+    )
+
+
+class LayerRouters(nn.Module):
+    """The per-layer routers of one mix node (router="layer"), shared by the sites of a layer."""
+
+    def __init__(self, n_experts: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.routers = nn.ModuleDict()
+
+    def router(self, layer: int, width: int) -> nn.Linear:
+        key = str(layer)
+        if key not in self.routers:
+            linear = nn.Linear(width, self.n_experts)
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+            self.routers[key] = linear
+        return self.routers[key]
 
 
 class MixNode(nn.Module):
-    def __init__(self, children: list[nn.Module], options: MixOptions, width: int, node: str, where: str):
+    def __init__(
+        self, children: list[nn.Module], options: MixOptions, width: int, node: str, where: str,
+        layer_router: Any = None, layer: int | None = None, present: list[int] | None = None,
+    ):
         super().__init__()
         self.items = nn.ModuleList(children)
         self.options = options
-        self.router = nn.Linear(width, len(children))
-        nn.init.zeros_(self.router.weight)
-        nn.init.zeros_(self.router.bias)
         self.node = node
         self.where = where
+        self.block_layer = layer if layer_router is not None else None  # the host captures this layer's input
+        self._layer_router = layer_router  # a SharedRef: the router lives once in the container
+        self.present = present  # which of the node's experts act here (the layer router scores all)
+        if layer_router is None:
+            self.router = nn.Linear(width, len(children))
+            nn.init.zeros_(self.router.weight)
+            nn.init.zeros_(self.router.bias)
         if not options.train_experts:
             for p in self.items.parameters():
                 p.requires_grad_(False)
@@ -60,9 +89,16 @@ class MixNode(nn.Module):
         if opts.granularity == "sequence" and state is not None and state.continuing and sticky_key in state.sticky:
             gates = state.sticky[sticky_key]  # computed at the prefill of this generation
         else:
+            router = self.router if self._layer_router is None else self._layer_router().router(self.block_layer, 0)
+            if self._layer_router is not None:
+                if state is None or self.block_layer not in state.block_inputs:
+                    raise RuntimeError(f"mix node {self.node!r}: the input of layer {self.block_layer} was not captured")
+                source = state.block_inputs[self.block_layer]
             if opts.granularity == "sequence" and source.dim() == 3:
                 source = source.mean(dim=1, keepdim=True)
-            logits = self.router(source.to(self.router.weight.dtype)) / opts.temperature
+            logits = router(source.to(router.weight.dtype)) / opts.temperature
+            if self._layer_router is not None and self.present is not None and len(self.present) < logits.shape[-1]:
+                logits = logits[..., self.present]
             probs = logits.softmax(-1)
             if opts.top_k is not None and opts.top_k < probs.shape[-1]:
                 top, index = logits.topk(opts.top_k, dim=-1)
@@ -131,7 +167,19 @@ class MixNode(nn.Module):
 def _mix(children, options: MixOptions, keys, shared, ctx):
     info = ctx.info
     width = info.in_features if ctx.family == "linear" else info.out_features
-    return MixNode(children, options, width, ctx.node, info.key if ctx.family == "linear" else ctx.path)
+    where = info.key if ctx.family == "linear" else ctx.path
+    if options.router == "layer":
+        if info.layer is None:
+            raise ValueError(f"mix node {ctx.node!r}: router='layer' needs role targets with a layer index, not {where!r}")
+        cfg = info.model_config
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or getattr(cfg, "d_model")
+        shared().router(info.layer, hidden)  # created now, at build time, so the optimizer sees it
+        return MixNode(children, options, width, ctx.node, where, layer_router=shared, layer=info.layer, present=list(ctx.present))
+    return MixNode(children, options, width, ctx.node, where)
+
+
+def _shared(options: MixOptions, n_children: int) -> LayerRouters | None:
+    return LayerRouters(n_children) if options.router == "layer" else None
 
 
 def _check(options: MixOptions, n_children: int, keys: Any) -> list[str]:
@@ -148,6 +196,7 @@ def register_operators(register):
         families={"linear": _mix, "sublayer": _mix},
         min_children=2,
         check=_check,
+        shared=_shared,
         description="Learned gate over experts: W x + Σ gₑ(x) Δₑ(x), per token or sequence, optional top-k.",
     )
 

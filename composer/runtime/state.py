@@ -23,6 +23,7 @@ class CallState:
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # "node@site" -> weighted balancing loss
     cache: dict[Any, Any] = field(default_factory=dict)  # per-call memo (e.g. row groups per route node)
     sticky: dict[Any, Any] = field(default_factory=dict)  # kept while a generation continues its cache
+    block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its input (when asked for)
     continuing: bool = False
 
     def begin(self, route: tuple[str | None, ...] | None, continuing: bool = False) -> None:
@@ -35,3 +36,4 @@ class CallState:
         self.gates = {}
         self.aux_losses = {}
         self.cache = {}
+        self.block_inputs = {}

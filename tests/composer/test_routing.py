@@ -311,3 +311,25 @@ def test_forbidden_nesting_prints_the_allowed_table(registry):
     assert len(nesting) == 2
     assert "nested routes would need two keys per row" in nesting[0].message + nesting[1].message
     assert "route ⊃ stack" in nesting[0].rule and "stack ⊃ mix" in nesting[0].rule
+
+
+def test_per_layer_router_reads_the_layer_input_and_is_shared(registry):
+    model, composed = _mixed(registry, router="layer")
+    nodes = _mix_nodes(composed)
+    assert all(not hasattr(n, "router") for n in nodes)
+    routers = composed._rt.shared["experts"].routers
+    assert sorted(routers) == ["0", "1"]  # one per layer, shared by attn.q and mlp.down
+    for layer, router in routers.items():
+        torch.nn.init.normal_(router.weight, std=0.5)
+    captured = {}
+    def grab(module, args, kwargs):
+        captured.setdefault("x", args[0] if args else kwargs["hidden_states"])
+
+    handle = model.model.layers[1].register_forward_pre_hook(grab, with_kwargs=True)
+    with composed.record_gates() as gates, torch.no_grad():
+        model(**inputs())
+    handle.remove()
+    expected = torch.softmax(routers["1"](captured["x"]), -1)
+    torch.testing.assert_close(gates["experts@layers.1.attn.q"], expected)
+    torch.testing.assert_close(gates["experts@layers.1.mlp.down"], expected)
+    assert {id(p) for p in routers.parameters()} <= {id(p) for p in composed.parameters()}
