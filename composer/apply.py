@@ -214,8 +214,8 @@ def patch_model(
         hook = ModelHook(
             model,
             state,
-            rt.container.model_sites["prompt"] if "prompt" in rt.container.model_sites else None,
-            rt.container.model_sites["prefix"] if "prefix" in rt.container.model_sites else None,
+            rt.container.model_sites["prompt"] if "prompt" in rt.container.model_sites else None,  # noqa: SIM401 (ModuleDict)
+            rt.container.model_sites["prefix"] if "prefix" in rt.container.model_sites else None,  # noqa: SIM401
             geometry,
             route_keys,
         )

@@ -1,1 +1,243 @@
-"""adalora plugin (being written)."""
+"""AdaLoRA (Zhang et al. 2023): an SVD-shaped low-rank update whose rank is allocated in training.
+
+    y = W x + s · P (Λ ⊙ Q) dropout(x),     s = α / (r₀ + 1e-5),     ΔW = s · P diag(Λ) Q
+
+P = ``lora_B`` [out, r], Λ = ``lora_E`` [r, 1], Q = ``lora_A`` [r, in], r₀ = ``init_r`` (PEFT's
+``ranknum``: the scale keeps r₀ even where a finished allocation left fewer singular values).
+Λ starts at zero, so a fresh adapter is the identity; P and Q start as N(0, 0.02²), as in PEFT.
+The delta is linear in x, so it merges exactly.
+
+Training needs :class:`AdaLoraController` (in :mod:`plugins.adalora_allocator`, re-exported
+here): its ``regularization()`` is the orthogonality loss to add, its ``step(t)`` updates the
+importance scores and masks singular values to the cubic budget schedule, and
+``as_trainer_callback()`` does both inside the Hugging Face ``Trainer``.
+
+``rank_pattern`` holds the masks of a finished allocation (PEFT saves them, and saves only the
+kept singular values): a site named there is built with rank = the number of kept entries.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from registry import Capabilities, hookimpl
+
+from .adalora_allocator import AdaLoraController, Allocation, budget_at
+
+__all__ = [
+    "AdaLoRA",
+    "AdaLoraConfig",
+    "AdaLoraController",
+    "AdaLoraPeftCodec",
+    "Allocation",
+    "budget_at",
+    "build",
+]
+
+
+class AdaLoraConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    init_r: int = Field(12, ge=1, description="initial rank r₀ of every site (and the scale's r)")
+    target_r: int = Field(
+        8, ge=0, description="average rank per site after allocation: budget target_r · sites"
+    )
+    tinit: int = Field(0, ge=0, description="warm-up steps before the budget starts to decrease")
+    tfinal: int = Field(
+        0, ge=0, description="final steps with the allocation fixed (last total_step - tfinal)"
+    )
+    deltaT: int = Field(1, ge=1, description="steps between two allocations while the budget falls")
+    beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the sensitivity |w·∇w|")
+    beta2: float = Field(0.85, gt=0, lt=1, description="EMA factor of the uncertainty |I − Ī|")
+    orth_reg_weight: float = Field(
+        0.5, ge=0, description="weight of the orthogonality loss ‖PᵀP − I‖ + ‖QQᵀ − I‖"
+    )
+    total_step: int = Field(gt=0, description="total training steps (required by the schedule)")
+    alpha: float = Field(8.0, gt=0, description="scale numerator: s = alpha / (init_r + 1e-5)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    rank_pattern: dict[str, list[bool]] = Field(
+        default_factory=dict,
+        description="masks kept by a finished allocation (PEFT's rank_pattern), keyed by module "
+        "path, site key or role; each has init_r entries, and the site gets rank = kept entries",
+    )
+
+    @model_validator(mode="after")
+    def _schedule_is_possible(self) -> AdaLoraConfig:
+        problems = []
+        if self.tinit + self.tfinal >= self.total_step:
+            problems.append(
+                f"tinit + tfinal ({self.tinit} + {self.tfinal}) must be below total_step "
+                f"({self.total_step}), or no step is left for the budget to decrease"
+            )
+        if self.target_r > self.init_r:
+            problems.append(
+                f"target_r ({self.target_r}) exceeds init_r ({self.init_r}): AdaLoRA only "
+                "removes ranks, so start with init_r >= target_r"
+            )
+        bad = {k: len(v) for k, v in self.rank_pattern.items() if len(v) != self.init_r}
+        if bad:
+            problems.append(
+                f"rank_pattern masks must have init_r ({self.init_r}) entries; lengths: {bad}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def site_mask(config: AdaLoraConfig, site: Any) -> list[bool] | None:
+    """The ``rank_pattern`` mask naming this site (module path, site key or role), if any."""
+    for key, mask in config.rank_pattern.items():
+        if key in (site.path, site.key, site.role):
+            return mask
+    return None
+
+
+class AdaLoRA(nn.Module):
+    """Δ(x) = α / (r₀ + 1e-5) · dropout(x) (Q ⊙ Λ)ᵀ Pᵀ, with Q = lora_A, Λ = lora_E, P = lora_B."""
+
+    def __init__(
+        self,
+        fan_in: int,
+        fan_out: int,
+        r: int,
+        init_r: int,
+        alpha: float,
+        dropout: float,
+        path: str = "",
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(r, fan_in, dtype=dtype).normal_(0.0, 0.02))
+        self.lora_E = nn.Parameter(torch.zeros(r, 1, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(fan_out, r, dtype=dtype).normal_(0.0, 0.02))
+        self.alpha = alpha
+        self.ranknum = float(init_r)
+        self.path = path  # the module path, for PEFT-style rank patterns
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.ranknum + 1e-5)
+
+    def forward(self, x: torch.Tensor, site: Any) -> torch.Tensor:
+        h = self.dropout(x)  # [..., in]
+        return (h @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scale  # [..., out]
+
+    def delta_weight(self, site: Any) -> torch.Tensor:
+        return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scale  # [out, in]
+
+    def extra_repr(self) -> str:
+        return f"r={self.lora_A.shape[0]}, init_r={self.ranknum:g}, scale={self.scale:g}"
+
+
+def build(config: AdaLoraConfig, site: Any) -> AdaLoRA:
+    mask = site_mask(config, site)
+    r = config.init_r if mask is None else sum(mask)
+    return AdaLoRA(
+        site.in_features,
+        site.out_features,
+        r,
+        config.init_r,
+        config.alpha,
+        config.dropout,
+        path=site.path,
+    )
+
+
+# --- PEFT format ----------------------------------------------------------------------
+
+_PEFT_MASK_KEY = re.compile(r"^(?P<path>.+)\.lora_E(\.[^.]+)?$")
+
+
+class AdaLoraPeftCodec:
+    """Reads and writes PEFT's ``AdaLoraConfig`` files (tensors ``lora_A``, ``lora_B``,
+    ``lora_E``, without ``.weight``). A saved ``rank_pattern`` is applied: each named module
+    is built with the kept rank, which is how PEFT saved its tensors."""
+
+    peft_types = ("ADALORA",)
+    tensor_names = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_E": "lora_E"}
+    unsupported = {
+        "modules_to_save": None,
+        "use_dora": False,
+        "loftq_config": {},
+        "lora_bias": False,
+        "use_qalora": False,
+        "megatron_config": None,
+        "layer_replication": None,
+        "trainable_token_indices": None,
+        "target_parameters": None,
+        "alora_invocation_tokens": None,
+        "arrow_config": None,
+    }
+    fields = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2")
+
+    def from_peft(self, peft: Mapping[str, Any]) -> dict[str, Any]:
+        """Our config (as keyword arguments) from PEFT's adapter_config.json."""
+        problems = [
+            f"{k}={peft[k]!r}"
+            for k, default in self.unsupported.items()
+            if peft.get(k, default) not in (default, None, [], {})
+        ]
+        if peft.get("bias", "none") != "none":
+            problems.append(f"bias={peft['bias']!r}")
+        if float(peft.get("lora_alpha", 8)) <= 0:  # PEFT then scales each site by its own rank
+            problems.append(f"lora_alpha={peft['lora_alpha']!r} (give a positive lora_alpha)")
+        if problems:
+            raise ValueError("unsupported PEFT AdaLoRA options: " + ", ".join(problems))
+        config: dict[str, Any] = {f: peft[f] for f in self.fields if peft.get(f) is not None}
+        config.update(
+            orth_reg_weight=float(peft.get("orth_reg_weight", 0.5)),
+            total_step=peft.get("total_step"),
+            alpha=float(peft.get("lora_alpha", 8)),
+            dropout=float(peft.get("lora_dropout", 0.0)),
+        )
+        pattern = {}
+        for key, mask in (peft.get("rank_pattern") or {}).items():
+            found = _PEFT_MASK_KEY.match(key)
+            if found is None:
+                raise ValueError(f"rank_pattern key {key!r} does not name a module's lora_E")
+            pattern[found["path"]] = [bool(v) for v in mask]
+        config["rank_pattern"] = pattern
+        return config
+
+    def to_peft(self, config: AdaLoraConfig, sites: list[Any]) -> dict[str, Any]:
+        """PEFT's adapter_config.json for this adapter at these sites (paths as targets)."""
+        masks = {s.path: site_mask(config, s) for s in sites}
+        pattern = {f"{p}.lora_E": m for p, m in masks.items() if m is not None}
+        return {
+            "peft_type": "ADALORA",
+            "task_type": None,
+            **{f: getattr(config, f) for f in self.fields},
+            "orth_reg_weight": config.orth_reg_weight,
+            "total_step": config.total_step,
+            "lora_alpha": config.alpha,
+            "lora_dropout": config.dropout,
+            "target_modules": sorted(masks),
+            "rank_pattern": pattern or None,
+            "fan_in_fan_out": any(type(s.module).__name__ == "Conv1D" for s in sites),
+            "bias": "none",
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "layers_to_transform": None,
+        }
+
+
+@hookimpl
+def register_methods(register):
+    register.method(
+        "adalora",
+        config=AdaLoraConfig,
+        build=build,
+        points=["linear.delta"],
+        capabilities=Capabilities(mergeable=True, identity_at_init=True),
+        default_targets=["attn.q", "attn.v"],
+        peft=AdaLoraPeftCodec(),
+        description="SVD-shaped update P Λ Q with importance-driven rank allocation (AdaLoraController).",
+    )

@@ -172,7 +172,7 @@ def _mix(children, options: MixOptions, keys, shared, ctx):
         if info.layer is None:
             raise ValueError(f"mix node {ctx.node!r}: router='layer' needs role targets with a layer index, not {where!r}")
         cfg = info.model_config
-        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or getattr(cfg, "d_model")
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or cfg.d_model
         shared().router(info.layer, hidden)  # created now, at build time, so the optimizer sees it
         return MixNode(children, options, width, ctx.node, where, layer_router=shared, layer=info.layer, present=list(ctx.present))
     return MixNode(children, options, width, ctx.node, where)

@@ -12,7 +12,6 @@ forward pass (no_grad, eval) against the plain base model in the same process.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import tempfile
 import time

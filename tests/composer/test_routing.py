@@ -319,7 +319,7 @@ def test_per_layer_router_reads_the_layer_input_and_is_shared(registry):
     assert all(not hasattr(n, "router") for n in nodes)
     routers = composed._rt.shared["experts"].routers
     assert sorted(routers) == ["0", "1"]  # one per layer, shared by attn.q and mlp.down
-    for layer, router in routers.items():
+    for router in routers.values():
         torch.nn.init.normal_(router.weight, std=0.5)
     captured = {}
     def grab(module, args, kwargs):
