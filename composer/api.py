@@ -6,9 +6,7 @@ import functools
 
 from torch import nn
 
-from registry import Registry, load_registry
-
-from registry import Diagnostic
+from registry import Diagnostic, Registry, load_registry
 
 from .apply import block_layers, build_runtime, patch_model
 from .composed import Composed
