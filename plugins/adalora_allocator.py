@@ -205,6 +205,16 @@ class AdaLoraController:
         """The masks as PEFT's ``rank_pattern``: ``{"<module path>.lora_E": [kept, ...]}``."""
         return {f"{self.modules[k].path}.lora_E": m.tolist() for k, m in self.masks.items()}
 
+    # --- composer.training.train callbacks ---------------------------------------------
+
+    def extra_loss(self, step: int) -> torch.Tensor:
+        """The orthogonality term, added to the loss by ``composer.training.train``."""
+        return self.regularization()
+
+    def after_backward(self, step: int) -> None:
+        """The budget step, after backward and before the optimizer's zero_grad."""
+        self.step(step)
+
     # --- Hugging Face Trainer ----------------------------------------------------------
 
     def _add_regularization(self, module: nn.Module, args: Any, output: Any) -> Any:

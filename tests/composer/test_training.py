@@ -204,3 +204,19 @@ def test_checkpoint_loads_as_a_composition(registry, tmp_path):
     train(composed, heads, tasks, tok, TrainConfig(steps=3, batch_size=4, progress=False), out_dir=tmp_path)
     loaded = composer.load(tiny_bert(), latest_checkpoint(tmp_path) / "composition", registry=registry)
     assert sorted(loaded.adapters) == ["pair", "score", "sent"]
+
+
+def test_adalora_controller_plugs_into_the_training_loop(registry):
+    from plugins.adalora import AdaLoraController
+
+    model = tiny_bert()
+    g = Graph()
+    g.adapter("sent", "adalora", init_r=4, target_r=2, tinit=2, tfinal=2, deltaT=1, total_step=10, targets=["attn.q", "attn.v"])
+    composed = composer.compose(model, g, registry=registry)
+    tasks = {"sent": _tasks()["sent"]}
+    heads = TaskHeads({"sent": tasks["sent"].spec}, hidden=64, dropout=0.0)
+    controller = AdaLoraController(composed, adapter="sent")
+    train(composed, heads, tasks, tiny_tokenizer(WORDS), TrainConfig(steps=10, batch_size=8, progress=False), callbacks=[controller])
+    ranks = controller.final_ranks()
+    assert sum(ranks.values()) == 2 * len(ranks)  # the target budget: target_r per site on average
+    assert [a.step for a in controller.history][:2] == [0, 1]
