@@ -197,7 +197,10 @@ def patch_model(
         for p in model.parameters():
             patch.requires_grad.append((p, p.requires_grad))
             p.requires_grad_(False)
-        for (path, family), site in rt.sites.items():
+        # deepest modules first (a sublayer site wraps its linear sites), and at one path the
+        # linear site before the sublayer site that wraps it (BERT's attn.o)
+        order = sorted(rt.sites.items(), key=lambda kv: (-kv[0][0].count("."), kv[0][1] != "linear"))
+        for (path, family), site in order:
             if family in MODEL_FAMILIES:
                 continue  # lives in the container; the model hook uses it
             parent, attr = _parent(model, path)

@@ -132,6 +132,12 @@ class AdaLoRA(nn.Module):
     def delta_weight(self, site: Any) -> torch.Tensor:
         return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scale  # [out, in]
 
+    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A ⊙ E, B, α/(r₀+1e-5)): Δ(x) in low-rank form, for route's and mix's batched kernels."""
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return None
+        return self.lora_A * self.lora_E, self.lora_B, self.scale
+
     def extra_repr(self) -> str:
         return f"r={self.lora_A.shape[0]}, init_r={self.ranknum:g}, scale={self.scale:g}"
 

@@ -250,6 +250,17 @@ class LinearSite(nn.Module):
         for leaf in self.leaves():
             object.__setattr__(leaf, "site", self)  # a back-reference, not a submodule
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapped module has (``weight``, ``layer_idx``, child modules) stay
+        reachable through the site, so model code and module paths keep working."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None:
+                raise
+            return getattr(base, name)
+
     def leaves(self) -> list[Leaf]:
         return [m for m in self.program.modules() if isinstance(m, Leaf)]
 

@@ -10,8 +10,10 @@ AdaLoRA can too). Route and mix then avoid a Python loop over adapters:
   activations by each expert's gate, two GEMMs whatever the number of experts.
 
 The stacked tensors are cached while no adapter weight changes (checked through tensor
-version counters), so serving does not re-stack on every call, and a hot swap rewrites
-only its own slot.
+identities and version counters; the cache holds the tensors it names, so an identity is
+never reused while it is cached), so serving does not re-stack on every call. Methods
+whose factors are computed per call (VeRA's λ-scaled projections, AdaLoRA's A ⊙ E) get
+new tensors each time: always a miss, never a stale hit.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class LowRankBank:
 
     def __init__(self) -> None:
         self._key: tuple | None = None
+        self._held: tuple = ()  # the tensors the key names, kept alive so their ids stay theirs
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
 
@@ -50,8 +53,10 @@ class LowRankBank:
         a, b = stack_lowrank(parts)
         if caching:
             self._key, self.a, self.b = key, a, b
+            self._held = tuple(t for p in parts for t in p[:2])
         else:
             self._key = self.a = self.b = None
+            self._held = ()
         return a, b
 
 

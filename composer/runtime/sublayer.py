@@ -107,6 +107,17 @@ class SublayerSite(nn.Module):
         self.active = True
         self._pending: torch.Tensor | None = None  # the sublayer input, from the input module's hook
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapped module has (``weight``, ``layer_idx``, child modules) stay
+        reachable through the site, so model code and module paths keep working."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None:
+                raise
+            return getattr(base, name)
+
     @property
     def own_input(self) -> bool:
         return self.input_path == self.path

@@ -333,3 +333,22 @@ def test_per_layer_router_reads_the_layer_input_and_is_shared(registry):
     torch.testing.assert_close(gates["experts@layers.1.attn.q"], expected)
     torch.testing.assert_close(gates["experts@layers.1.mlp.down"], expected)
     assert {id(p) for p in routers.parameters()} <= {id(p) for p in composed.parameters()}
+
+
+@pytest.mark.parametrize("method, config", [("vera", {"r": 8}), ("adalora", {"init_r": 4, "target_r": 2, "total_step": 10})])
+def test_batched_kernel_for_other_low_rank_methods(registry, monkeypatch, method, config):
+    model = tiny_llama()
+    g = Graph()
+    for name in ("a", "b"):
+        g.adapter(name, method, targets=["attn.q", "attn.v"], **config)
+    g.route({"ka": "a", "kb": "b"})
+    composed = composer.compose(model, g, registry=registry)
+    randomize(composed, std=0.3)
+    batch = inputs(batch=3)
+    with torch.no_grad():
+        fast = model(**batch, route=["kb", None, "ka"]).logits
+        again = model(**batch, route=["kb", None, "ka"]).logits  # served from the bank's cache or not: same
+        monkeypatch.setattr(route_plugin, "lowrank_of", lambda leaf: None)
+        slow = model(**batch, route=["kb", None, "ka"]).logits
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+    assert torch.equal(fast, again)
