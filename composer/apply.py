@@ -51,6 +51,7 @@ class Runtime:
     sites: dict[tuple[str, str], nn.Module] = field(
         default_factory=dict
     )  # (path, family) -> site module
+    nodes: dict[str, dict[tuple[str, str], nn.Module]] = field(default_factory=dict)  # operator node -> site -> runtime node
     container: Container = field(default_factory=Container)
 
     def all_modules(self) -> list[nn.Module]:
@@ -134,7 +135,10 @@ def build_node(
             rt.container.operators[prog.node] = module
     ctx = NodeContext(prog.node, sp.path, sp.family, prog.present, state, info)
     shared = SharedRef(rt.shared[prog.node]) if prog.node in rt.shared else None
-    return record.families[sp.family](children, options, prog.keys, shared, ctx)
+    built = record.families[sp.family](children, options, prog.keys, shared, ctx)
+    if not prog.implicit:
+        rt.nodes.setdefault(prog.node, {})[(sp.path, sp.family)] = built
+    return built
 
 
 def build_runtime(analysis: Analysis, plan: Plan, state: CallState) -> Runtime:

@@ -26,16 +26,12 @@ from .apply import _leaf, build_adapter
 from .errors import ComposerError, CompositionError
 from .graph import AdapterSpec, OperatorSpec
 from .io import check_tensors
-from .plan import AdapterPlan, Leaf, compile_site, site_groups
+from .plan import AdapterPlan, Leaf, OpNode
 
 
 def _route_nodes(composed: Any, node: str) -> dict[tuple[str, str], Any]:
-    found = {}
-    for key, site in composed._rt.sites.items():
-        for module in site.modules():
-            if type(module).__name__ == "RouteNode" and getattr(module, "node", None) == node:
-                found[key] = module
-    return found
+    """(path, family) -> the runtime node of operator ``node`` there (indexed at build time)."""
+    return dict(composed._rt.nodes.get(node, {}))
 
 
 def add_adapter(
@@ -88,10 +84,11 @@ def add_adapter(
     # build: the new modules and leaves, before anything changes
     analysis.methods[name], analysis.configs[name], analysis.sites[name] = record, cfg, infos
     build_adapter(analysis, name, composed._rt)
-    leaves = {}
+    leaves, plan_leaves = {}, {}
     for info in infos:
         where = (info.path, info.family)
         plan_leaf = Leaf(name, record.name, info.kind, info.key, info.out_slice)
+        plan_leaves[where] = plan_leaf
         leaf = _leaf(composed._rt, plan_leaf, info.family, composed.plan.site(*where))
         leaf.train(composed.model.training)
         if info.family == "linear":
@@ -119,7 +116,7 @@ def add_adapter(
         composed.adapters.pop(previous, None)
     for where, leaf in leaves.items():
         nodes[where].set_child(key, leaf)
-    _refresh_plan(composed, {(i.path, i.family) for i in infos})
+    _refresh_plan(composed, route, {where: {key: plan_leaves[where]} for where in leaves})
     from .composed import AdapterHandle
 
     composed.adapters[name] = AdapterHandle(name, record.name, cfg, composed._rt.adapters[name], composed._rt.method_shared.get(name))
@@ -146,20 +143,21 @@ def remove_adapter(composed: Any, name: str) -> None:
     parents = [s for s in graph.specs.values() if isinstance(s, OperatorSpec) and name in s.children]
     if not parents or any(p.operator != "route" for p in parents):
         raise ComposerError(f"adapter {name!r} is not only under route nodes; hot removal needs that (re-compose instead)")
-    touched = set()
     for parent in parents:
         keys = [k for k, c in zip(parent.keys, parent.children, strict=True) if c == name]
+        updates = {}
         for where, route_node in _route_nodes(composed, parent.name).items():
             for k in keys:
                 if k in route_node.keys:
                     route_node.remove_child(k)
-                    touched.add(where)
+            updates[where] = {k: None for k in keys}
         kept = [(k, c) for k, c in zip(parent.keys, parent.children, strict=True) if c != name]
         graph.replace(parent.model_copy(update={"children": tuple(c for _, c in kept), "keys": tuple(k for k, _ in kept)}))
+        _refresh_plan(composed, parent.name, updates)
     graph.remove(name)
     _forget(composed, name)
     composed.adapters.pop(name, None)
-    _refresh_plan(composed, touched)
+    composed.plan = dataclasses.replace(composed.plan, adapters=tuple(a for a in composed.plan.adapters if a.name != name))
     routes = {k for s in graph.specs.values() if isinstance(s, OperatorSpec) and s.keys for k in s.keys}
     composed._patch.model_hook.route_keys = frozenset(routes)
 
@@ -207,32 +205,49 @@ def _forget(composed: Any, name: str) -> None:
         del rt.container.methods[name]
 
 
-def _refresh_plan(composed: Any, touched: set[tuple[str, str]]) -> None:
-    """Recompile the plan's programs at the touched sites only."""
+def _rewire(prog: Any, node: str, order: tuple[str, ...], updates: Mapping[str, Leaf | None]) -> Any:
+    """``prog`` with route ``node``'s children for the keys in ``updates`` replaced, added
+    (a Leaf) or removed (None); only the path from the root to that node is rebuilt."""
+    if isinstance(prog, Leaf):
+        return prog
+    children = tuple(_rewire(c, node, order, updates) if isinstance(c, OpNode) else c for c in prog.children)
+    if prog.node != node or prog.keys is None:
+        return dataclasses.replace(prog, children=children)
+    table = dict(zip(prog.keys, children, strict=True))
+    for key, leaf in updates.items():
+        if leaf is None:
+            table.pop(key, None)
+        else:
+            table[key] = leaf
+    keys = tuple(k for k in order if k in table)
+    return dataclasses.replace(prog, children=tuple(table[k] for k in keys), keys=keys, present=tuple(order.index(k) for k in keys))
+
+
+def _refresh_plan(composed: Any, route: str, updates: Mapping[tuple[str, str], Mapping[str, Leaf | None]]) -> None:
+    """Update the plan at the touched sites only, and its adapter list."""
     analysis = composed._analysis
-    groups = site_groups({n: s for n, s in analysis.sites.items()})
-    names = {n: m.name for n, m in analysis.methods.items()}
+    order = tuple(composed.graph.spec(route).keys or ())
     sites = []
     for sp in composed.plan.sites:
         where = (sp.path, sp.family)
-        if where in touched:
-            prog = compile_site(composed.graph, names, groups.get(where, {}))
-            if prog is not None:
-                sp = dataclasses.replace(sp, program=prog)
-                analysis.programs[where] = prog
+        if where in updates:
+            sp = dataclasses.replace(sp, program=_rewire(sp.program, route, order, updates[where]))
+            analysis.programs[where] = sp.program
         sites.append(sp)
-    adapters = tuple(
-        AdapterPlan(
-            name,
-            analysis.methods[name].name,
-            analysis.methods[name].plugin,
-            analysis.configs[name].model_dump(mode="json"),
-            tuple(s.key for s in analysis.sites[name]),
-        )
-        for name in composed.graph.adapters
-        if name in analysis.methods
-    )
-    composed.plan = dataclasses.replace(composed.plan, sites=tuple(sites), adapters=adapters)
+    kept = [a for a in composed.plan.adapters if a.name in analysis.methods]
+    known = {a.name for a in kept}
+    for name in analysis.methods:
+        if name not in known:
+            kept.append(
+                AdapterPlan(
+                    name,
+                    analysis.methods[name].name,
+                    analysis.methods[name].plugin,
+                    analysis.configs[name].model_dump(mode="json"),
+                    tuple(s.key for s in analysis.sites[name]),
+                )
+            )
+    composed.plan = dataclasses.replace(composed.plan, sites=tuple(sites), adapters=tuple(kept))
 
 
 def _routes(composed: Any) -> list[str]:

@@ -70,6 +70,22 @@ class PeftAdapter:
         return self.tensors.get(where, {})
 
 
+def unsupported_options(
+    peft: Mapping[str, Any], defaults: Mapping[str, Any], *, bias: bool = True
+) -> list[str]:
+    """The options of a PEFT config this codec cannot honour, as ``key=value`` strings: any
+    of ``defaults`` set to something else (unset, ``None`` and empty count as default), and a
+    ``bias`` other than "none"."""
+    problems = [
+        f"{k}={peft[k]!r}"
+        for k, default in defaults.items()
+        if peft.get(k, default) not in (default, None, [], {})
+    ]
+    if bias and peft.get("bias", "none") != "none":
+        problems.append(f"bias={peft['bias']!r}")
+    return problems
+
+
 def split_tensors(
     raw: Mapping[str, torch.Tensor], names: Mapping[str, str]
 ) -> dict[str, dict[str, torch.Tensor]]:

@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from composer.peft_io import unsupported_options
 from registry import Capabilities, hookimpl
 
 from .adalora_allocator import AdaLoraController, Allocation, budget_at
@@ -185,13 +186,7 @@ class AdaLoraPeftCodec:
 
     def from_peft(self, peft: Mapping[str, Any]) -> dict[str, Any]:
         """Our config (as keyword arguments) from PEFT's adapter_config.json."""
-        problems = [
-            f"{k}={peft[k]!r}"
-            for k, default in self.unsupported.items()
-            if peft.get(k, default) not in (default, None, [], {})
-        ]
-        if peft.get("bias", "none") != "none":
-            problems.append(f"bias={peft['bias']!r}")
+        problems = unsupported_options(peft, self.unsupported)
         if float(peft.get("lora_alpha", 8)) <= 0:  # PEFT then scales each site by its own rank
             problems.append(f"lora_alpha={peft['lora_alpha']!r} (give a positive lora_alpha)")
         if problems:

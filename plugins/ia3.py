@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from composer.peft_io import PREFIX
+from composer.peft_io import PREFIX, unsupported_options
 from registry import Capabilities, hookimpl
 
 from .lora import pattern_value
@@ -109,11 +109,7 @@ class IA3PeftCodec:
     unsupported = {"modules_to_save": None}
 
     def from_peft(self, peft: Mapping[str, Any]) -> dict[str, Any]:
-        problems = [
-            f"{k}={peft[k]!r}"
-            for k, default in self.unsupported.items()
-            if peft.get(k, default) not in (default, [], {})
-        ]
+        problems = unsupported_options(peft, self.unsupported, bias=False)
         if problems:
             raise ValueError("unsupported PEFT IA3 options: " + ", ".join(problems))
         ff = peft.get("feedforward_modules")

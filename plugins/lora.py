@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from composer.peft_io import unsupported_options
 from registry import Capabilities, hookimpl
 
 
@@ -249,13 +250,7 @@ class LoraPeftCodec:
 
     def from_peft(self, peft: Mapping[str, Any]) -> dict[str, Any]:
         """Our config (as keyword arguments) from PEFT's adapter_config.json."""
-        problems = [
-            f"{k}={peft[k]!r}"
-            for k, default in self.unsupported.items()
-            if peft.get(k, default) not in (default, [], {})
-        ]
-        if peft.get("bias", "none") != "none":
-            problems.append(f"bias={peft['bias']!r}")
+        problems = unsupported_options(peft, self.unsupported)
         if problems:
             raise ValueError("unsupported PEFT LoRA options: " + ", ".join(problems))
         return {

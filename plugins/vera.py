@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from composer.peft_io import join_tensors, split_tensors
+from composer.peft_io import join_tensors, split_tensors, unsupported_options
 from registry import Capabilities, hookimpl
 
 
@@ -140,13 +140,7 @@ class VeraPeftCodec:
     unsupported = {"modules_to_save": None}
 
     def from_peft(self, peft: Mapping[str, Any]) -> dict[str, Any]:
-        problems = [
-            f"{k}={peft[k]!r}"
-            for k, default in self.unsupported.items()
-            if peft.get(k, default) not in (default, [], {})
-        ]
-        if peft.get("bias", "none") != "none":
-            problems.append(f"bias={peft['bias']!r}")
+        problems = unsupported_options(peft, self.unsupported)
         if problems:
             raise ValueError("unsupported PEFT VeRA options: " + ", ".join(problems))
         return {

@@ -140,42 +140,54 @@ def _xlora(n: int):
 
 
 def bench_compose(out: list[str]) -> None:
+    import gc
+
+    composer.default_registry()  # built once, outside the timings
+
     def compose_time(n: int) -> float:
-        model = base_model()
-        g = composer.Graph()
-        for i in range(n):
-            g.adapter(f"t{i}", "lora", r=8, targets=ROLES)
-        g.route({f"k{i}": f"t{i}" for i in range(n)})
-        t = time.perf_counter()
-        composer.compose(model, g)
-        return time.perf_counter() - t
+        best = float("inf")
+        for _ in range(3):
+            model = base_model()
+            g = composer.Graph()
+            for i in range(n):
+                g.adapter(f"t{i}", "lora", r=8, targets=ROLES)
+            g.route({f"k{i}": f"t{i}" for i in range(n)})
+            gc.collect()
+            t = time.perf_counter()
+            composer.compose(model, g)
+            best = min(best, time.perf_counter() - t)
+        return best
 
     small, large = compose_time(2), compose_time(64)
     _, peft_adds = peft_multi(64)
     out.append(
-        f"compose  2 adapters {small / 2 * 1e3:6.1f} ms/adapter   64 adapters {large / 64 * 1e3:6.1f} ms/adapter   "
+        f"compose  2 adapters {small / 2 * 1e3:6.1f} ms/adapter   64 adapters {large / 64 * 1e3:6.1f} ms/adapter (best of 3)   "
         f"HF PEFT add_adapter: 2nd {peft_adds[0] * 1e3:6.1f} ms, 41st {peft_adds[39] * 1e3:6.1f} ms, 64th {peft_adds[-1] * 1e3:6.1f} ms"
     )
 
 
 def bench_hot_swap(out: list[str]) -> None:
-    model, composed = ours_route(64)
-    tensors = {k: v.clone() for k, v in composed.adapters["t5"].state_dict().items()}
-    swap_times, copy_times, replace_times = [], [], []
-    for i in range(5):
-        t = time.perf_counter()
-        composed.add_adapter(f"new{i}", "lora", route="tasks", key="k5", r=8, alpha=16, targets=ROLES, tensors=tensors)
-        swap_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        composed.replace_weights(f"new{i}", tensors)
-        replace_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        _ = {k: v.clone() for k, v in tensors.items()}
-        copy_times.append(time.perf_counter() - t)
-    size = sum(v.numel() for v in tensors.values()) * 4 / 1e6
+    def swap_costs(n: int) -> tuple[float, float, float, float]:
+        model, composed = ours_route(n)
+        tensors = {k: v.clone() for k, v in composed.adapters["t1"].state_dict().items()}
+        swap, replace, copy = [], [], []
+        for i in range(7):
+            t = time.perf_counter()
+            composed.add_adapter(f"new{i}", "lora", route="tasks", key="k1", r=8, alpha=16, targets=ROLES, tensors=tensors)
+            swap.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            composed.replace_weights(f"new{i}", tensors)
+            replace.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            _ = {k: v.clone() for k, v in tensors.items()}
+            copy.append(time.perf_counter() - t)
+        size = sum(v.numel() for v in tensors.values()) * 4 / 1e6
+        return statistics.median(swap), statistics.median(replace), statistics.median(copy), size
+
+    few, many = swap_costs(4), swap_costs(64)
     out.append(
-        f"hot swap among 64 adapters ({size:.2f} MB of weights): add/replace an adapter {statistics.median(swap_times) * 1e3:6.2f} ms, "
-        f"load new weights in place {statistics.median(replace_times) * 1e3:6.2f} ms, copying the weights {statistics.median(copy_times) * 1e3:6.2f} ms"
+        f"hot swap ({many[3]:.2f} MB adapter): add/replace a whole adapter {few[0] * 1e3:5.2f} ms among 4, {many[0] * 1e3:5.2f} ms among 64; "
+        f"new weights in place {many[1] * 1e3:5.2f} ms; copying the weights {many[2] * 1e3:5.2f} ms"
     )
 
 
