@@ -112,6 +112,17 @@ def _batch_size(kwargs: dict) -> int:
     raise RoutingError("the forward call has neither input_ids nor inputs_embeds")
 
 
+def _cache_keyword(model: nn.Module) -> str:
+    """The forward keyword of the KV cache: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _checkpointing(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
@@ -138,6 +149,7 @@ class ModelHook:
         self.prefix = prefix
         self.geometry = geometry
         self.route_keys = route_keys
+        self.cache_key = _cache_keyword(model)
 
     # --- routing ------------------------------------------------------------------------
 
@@ -161,7 +173,7 @@ class ModelHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         route = kwargs.pop("route", None)
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(self.cache_key, kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         if self.prompt is None and self.prefix is None:
             first = args[0] if args and isinstance(args[0], torch.Tensor) else None
@@ -217,7 +229,8 @@ class ModelHook:
                 kwargs["token_type_ids"] = _prepend(kwargs["token_type_ids"], torch.zeros(batch, n, dtype=torch.long, device=device))
         if prefix is not None:
             cache = self._fill_cache(cache, prefix)
-            kwargs["past_key_values"] = cache
+            kwargs.pop("past_key_values", None)
+            kwargs[self.cache_key] = cache
         mask = kwargs.get("attention_mask")
         real = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=device)
         kwargs["attention_mask"] = torch.cat([virtual_mask.to(real.dtype), real], dim=1)
@@ -225,7 +238,7 @@ class ModelHook:
         if padded or given is not None:
             kwargs["position_ids"] = self._positions(given, prefix, prompt, batch, length, device)
         if cache is not None or prefix is not None:
-            target = kwargs.get("past_key_values")
+            target = kwargs.get(self.cache_key, kwargs.get("past_key_values"))
             if target is not None:
                 setattr(target, VIRTUAL, virtual_mask)
 
