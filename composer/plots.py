@@ -66,24 +66,38 @@ def plot_graph(graph: Any, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def gate_summary(gates: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
-    """Mean gate per expert at each mix site (averaged over rows and tokens)."""
-    return {label: g.reshape(-1, g.shape[-1]).float().mean(0).tolist() for label, g in gates.items()}
+def gate_summary(gates: Mapping[str, torch.Tensor], rows: Sequence[int] | None = None) -> dict[str, list[float]]:
+    """Mean gate per expert at each mix site (averaged over tokens and the given batch rows)."""
+    out = {}
+    for label, g in gates.items():
+        picked = g if rows is None else g[list(rows)]
+        out[label] = picked.reshape(-1, g.shape[-1]).float().mean(0).tolist()
+    return out
 
 
-def plot_gates(gates: Mapping[str, torch.Tensor], path: str | Path, experts: Sequence[str] | None = None, title: str = "") -> Path:
-    """A heat map: mix sites (rows, in layer order) × experts, the mean gate in each cell."""
+def plot_gates(
+    gates: Mapping[str, torch.Tensor],
+    path: str | Path,
+    experts: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    title: str = "",
+) -> Path:
+    """Heat maps of mix sites (rows, in layer order) × experts, the mean gate in each cell;
+    with ``tasks`` (the task of each batch row), one panel per task."""
     plt = _pyplot()
-    summary = gate_summary(gates)
-    labels = sorted(summary, key=_layer_order)
-    values = torch.tensor([summary[k] for k in labels])
-    fig, ax = plt.subplots(figsize=(1.2 * values.shape[1] + 3, 0.35 * len(labels) + 1.5))
-    im = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set_yticks(range(len(labels)), [k.split("@", 1)[-1] for k in labels], fontsize=8)
-    names = list(experts) if experts else [f"expert {i}" for i in range(values.shape[1])]
-    ax.set_xticks(range(values.shape[1]), names, rotation=30, ha="right")
-    fig.colorbar(im, ax=ax, label="mean gate")
-    ax.set_title(title or "gate usage per site")
+    groups = {"all rows": None} if tasks is None else {t: [i for i, x in enumerate(tasks) if x == t] for t in dict.fromkeys(tasks)}
+    labels = sorted(gates, key=_layer_order)
+    n_experts = next(iter(gates.values())).shape[-1]
+    fig, axes = plt.subplots(1, len(groups), figsize=((1.2 * n_experts + 2) * len(groups) + 1, 0.35 * len(labels) + 1.8), squeeze=False)
+    names = list(experts) if experts else [f"expert {i}" for i in range(n_experts)]
+    for ax, (group, rows) in zip(axes[0], groups.items(), strict=True):
+        summary = gate_summary(gates, rows)
+        im = ax.imshow(torch.tensor([summary[k] for k in labels]), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_yticks(range(len(labels)), [k.split("@", 1)[-1] for k in labels], fontsize=8)
+        ax.set_xticks(range(n_experts), names, rotation=30, ha="right")
+        ax.set_title(group)
+    fig.colorbar(im, ax=axes[0].tolist(), label="mean gate")
+    fig.suptitle(title or "gate usage per layer and site")
     return _save(fig, path)
 
 
@@ -109,7 +123,7 @@ def plot_results(results: Mapping[str, Mapping[str, Any]], tasks: Sequence[str],
         ax.bar([j + i * width for j in range(len(tasks))], scores, width, label=setup)
     ax.set_xticks([j + width * (len(setups) - 1) / 2 for j in range(len(tasks))], tasks)
     ax.set_ylabel("dev score (%)")
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 

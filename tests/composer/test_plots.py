@@ -29,6 +29,10 @@ def test_graph_gates_ranks_and_results(registry, tmp_path):
     assert len(summary) == 4 and all(abs(sum(v) - 1) < 1e-5 for v in summary.values())
     assert _png(plot_graph(g, tmp_path / "graph.png"))
     assert _png(plot_gates(gates, tmp_path / "gates.png", experts=["e0", "e1", "e2"]))
+    assert _png(plot_gates(gates, tmp_path / "by_task.png", tasks=["sst2", "mrpc"]))
+    per_task = gate_summary(gates, rows=[1])["experts@layers.0.attn.q"]
+    expected = gates["experts@layers.0.attn.q"][1].mean(0)
+    assert torch.allclose(torch.tensor(per_task), expected)
     assert _png(plot_ranks({"layers.0.attn.q": 3, "layers.1.attn.q": 5}, tmp_path / "ranks.png"))
     results = {"lora": {"scores": {"a": 0.8, "b": 0.7}, "params": 10}, "ia3": {"scores": {"a": 0.7, "b": 0.6}, "params": 5}}
     assert _png(plot_results(results, ["a", "b"], tmp_path / "results.png"))

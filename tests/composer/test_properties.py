@@ -14,7 +14,7 @@ from composer import CompositionError, Graph
 from tests.models import inputs, same_state, state_copy, tiny_gpt2, tiny_llama
 from tests.plugins.test_conformance import PROFILES, REGISTRY
 
-METHODS = sorted(m for m in REGISTRY.methods if PROFILES[m].arch == "llama")
+METHODS = sorted(m for m in REGISTRY.methods if PROFILES[m].arch.startswith("llama"))
 ROLES = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down", "mlp.gate", "attn.zz", "attn", "mlp"]
 OPERATORS = ["stack", "sum", "mix", "route", "blend"]
 
