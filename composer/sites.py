@@ -389,10 +389,20 @@ class Resolver:
                 module=module,
             )
         if family == "sublayer":
-            target = (
-                loc.target if isinstance(loc.target, Sublayer) else Sublayer(loc.path, loc.path)
-            )
-            width = _output_width(self.model, module)
+            if loc.role is not None and not isinstance(loc.target, Sublayer):
+                diags.append(
+                    Diagnostic(
+                        code="kind-target-mismatch",
+                        message=f"adapter {spec.name!r} ({method.name}, {kind}) acts on a sublayer's output, "
+                        f"but role {loc.role!r} is a single layer, not a sublayer",
+                        nodes=(spec.name,),
+                        sites=(loc.path,),
+                        fix="target the sublayer roles 'attn' or 'mlp' (or a module name, at your own risk)",
+                    )
+                )
+                return None
+            target = loc.target if isinstance(loc.target, Sublayer) else Sublayer(loc.path, loc.path)
+            width = linear_shape(module)[1] if is_linear(module) else _output_width(self.model, module)
             return SiteInfo(
                 **common,
                 input_path=target.input,

@@ -19,60 +19,32 @@ from transformers import (
 )
 
 VOCAB = 128
+DECODER = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+)  # grouped-query attention: 4 query heads, 2 KV heads
 
 
 def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**DECODER, "num_hidden_layers": layers})).eval()
 
 
 def tiny_llama_scaled(seed: int = 0) -> LlamaForCausalLM:
     """tiny_llama with larger initial weights (std 0.1): logits span a useful range, which
     input-side methods such as prompt tuning need to show learning in a few steps."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(LlamaConfig(**DECODER, initializer_range=0.1)).eval()
 
 
 def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
     torch.manual_seed(seed)
-    cfg = MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        sliding_window=None,
-    )
-    return MistralForCausalLM(cfg).eval()
+    return MistralForCausalLM(MistralConfig(**DECODER, sliding_window=None)).eval()
 
 
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**DECODER)).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

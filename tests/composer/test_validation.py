@@ -172,3 +172,12 @@ def test_validate_without_a_model_checks_the_graph_only(registry):
     assert composer.validate(g, registry) == []
     g.adapter("b", "lora", alpha=-1)
     assert [d.code for d in composer.validate(g, registry)] == ["bad-config"]
+
+
+def test_sublayer_method_on_a_single_layer_role(registry):
+    g = Graph()
+    g.adapter("a", "bottleneck", style="houlsby", bottleneck=8, targets=["attn.q", "attn.k"])
+    err = _refused(tiny_llama(), g, registry)
+    assert err.codes == ["kind-target-mismatch", "kind-target-mismatch"]  # one per role, every layer listed
+    assert len(err.diagnostics[0].sites) == 2
+    assert "role 'attn.q' is a single layer, not a sublayer" in str(err) and "'attn' or 'mlp'" in str(err)
