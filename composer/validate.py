@@ -26,8 +26,9 @@ from registry import KINDS, Diagnostic, MethodRecord, Registry
 
 from .graph import AdapterSpec, Graph, OperatorSpec
 from .plan import Program, compile_site, site_groups
+from .resolve import Resolver
 from .rules import COMMUTING, check_sites, commute
-from .sites import Resolver, SiteInfo
+from .sites import SiteInfo
 
 
 @dataclass

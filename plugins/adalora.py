@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from composer.peft_io import unsupported_options
+from plugins.lora import peft_lora_common
 from registry import Capabilities, hookimpl
 
 from .adalora_allocator import AdaLoraController, Allocation, budget_at
@@ -221,12 +222,7 @@ class AdaLoraPeftCodec:
             "lora_dropout": config.dropout,
             "target_modules": sorted(masks),
             "rank_pattern": pattern or None,
-            "fan_in_fan_out": any(type(s.module).__name__ == "Conv1D" for s in sites),
-            "bias": "none",
-            "init_lora_weights": True,
-            "inference_mode": True,
-            "modules_to_save": None,
-            "layers_to_transform": None,
+            **peft_lora_common(sites),
         }
 
 

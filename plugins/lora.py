@@ -226,6 +226,18 @@ def loraplus_param_groups(
 # --- PEFT format ----------------------------------------------------------------------
 
 
+def peft_lora_common(sites: list[Any]) -> dict[str, Any]:
+    """adapter_config.json fields every LoRA-family export (LoRA, AdaLoRA) writes the same way."""
+    return {
+        "fan_in_fan_out": any(type(s.module).__name__ == "Conv1D" for s in sites),
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+    }
+
+
 class LoraPeftCodec:
     """Reads and writes PEFT's ``LoraConfig`` (LoRA, rsLoRA, DoRA) files."""
 
@@ -279,14 +291,7 @@ class LoraPeftCodec:
             "target_modules": sorted(per_site),
             "rank_pattern": {re.escape(p): ra[0] for p, ra in per_site.items() if ra[0] != r},
             "alpha_pattern": {re.escape(p): ra[1] for p, ra in per_site.items() if ra[1] != alpha},
-            "fan_in_fan_out": any(
-                getattr(s.module, "__class__", type(None)).__name__ == "Conv1D" for s in sites
-            ),
-            "bias": "none",
-            "init_lora_weights": True,
-            "inference_mode": True,
-            "modules_to_save": None,
-            "layers_to_transform": None,
+            **peft_lora_common(sites),
         }
 
 

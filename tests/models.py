@@ -99,6 +99,34 @@ BUILDERS = {
 }
 
 
+# role -> (module path template, rows of a fused output), written out by hand so that tests do
+# not take paths from the architecture plugin they check (GPT-2's q/k/v are thirds of c_attn)
+ROLE_PATHS = {
+    "llama": {
+        "attn.q": ("model.layers.{i}.self_attn.q_proj", None),
+        "attn.k": ("model.layers.{i}.self_attn.k_proj", None),
+        "attn.v": ("model.layers.{i}.self_attn.v_proj", None),
+        "mlp.down": ("model.layers.{i}.mlp.down_proj", None),
+    },
+    "gpt2": {
+        "attn.q": ("transformer.h.{i}.attn.c_attn", (0, 64)),
+        "attn.k": ("transformer.h.{i}.attn.c_attn", (64, 128)),
+        "attn.v": ("transformer.h.{i}.attn.c_attn", (128, 192)),
+        "mlp.down": ("transformer.h.{i}.mlp.c_proj", None),
+    },
+    "bert": {
+        "attn.q": ("encoder.layer.{i}.attention.self.query", None),
+        "attn.k": ("encoder.layer.{i}.attention.self.key", None),
+        "attn.v": ("encoder.layer.{i}.attention.self.value", None),
+        "mlp.down": ("encoder.layer.{i}.output.dense", None),
+    },
+}
+
+
+def role_paths(*roles: str) -> dict[str, dict[str, tuple[str, tuple[int, int] | None]]]:
+    return {arch: {r: table[r] for r in roles} for arch, table in ROLE_PATHS.items()}
+
+
 def inputs(batch: int = 2, length: int = 9, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, VOCAB, (batch, length), generator=g)

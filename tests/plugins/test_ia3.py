@@ -17,28 +17,11 @@ from safetensors.torch import load_file, save_file
 
 import composer
 from composer import AdapterFileError, CompositionError, Graph
-from tests.models import BUILDERS, inputs, output, randomize
+from tests.models import BUILDERS, inputs, output, randomize, role_paths
 
 TOL = 1e-5
 
-# role -> module path template, per architecture (GPT-2's k and v are thirds of c_attn)
-PATHS = {
-    "llama": {
-        "attn.k": ("model.layers.{i}.self_attn.k_proj", None),
-        "attn.v": ("model.layers.{i}.self_attn.v_proj", None),
-        "mlp.down": ("model.layers.{i}.mlp.down_proj", None),
-    },
-    "gpt2": {
-        "attn.k": ("transformer.h.{i}.attn.c_attn", (64, 128)),
-        "attn.v": ("transformer.h.{i}.attn.c_attn", (128, 192)),
-        "mlp.down": ("transformer.h.{i}.mlp.c_proj", None),
-    },
-    "bert": {
-        "attn.k": ("encoder.layer.{i}.attention.self.key", None),
-        "attn.v": ("encoder.layer.{i}.attention.self.value", None),
-        "mlp.down": ("encoder.layer.{i}.output.dense", None),
-    },
-}
+PATHS = role_paths("attn.k", "attn.v", "mlp.down")
 FEEDFORWARD = {"mlp.down"}
 
 

@@ -18,28 +18,11 @@ from safetensors.torch import load_file, save_file
 
 import composer
 from composer import AdapterFileError, CompositionError, Graph
-from tests.models import BUILDERS, inputs, output, randomize
+from tests.models import BUILDERS, inputs, output, randomize, role_paths
 
 TOL = 1e-5
 
-# role -> (module path template, rows of a fused output); GPT-2's q and v are thirds of c_attn
-PATHS = {
-    "llama": {
-        "attn.q": ("model.layers.{i}.self_attn.q_proj", None),
-        "attn.v": ("model.layers.{i}.self_attn.v_proj", None),
-        "mlp.down": ("model.layers.{i}.mlp.down_proj", None),
-    },
-    "gpt2": {
-        "attn.q": ("transformer.h.{i}.attn.c_attn", (0, 64)),
-        "attn.v": ("transformer.h.{i}.attn.c_attn", (128, 192)),
-        "mlp.down": ("transformer.h.{i}.mlp.c_proj", None),
-    },
-    "bert": {
-        "attn.q": ("encoder.layer.{i}.attention.self.query", None),
-        "attn.v": ("encoder.layer.{i}.attention.self.value", None),
-        "mlp.down": ("encoder.layer.{i}.output.dense", None),
-    },
-}
+PATHS = role_paths("attn.q", "attn.v", "mlp.down")
 
 
 def delta_w(lambda_b, lambda_d, a, b) -> torch.Tensor:

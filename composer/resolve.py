@@ -1,0 +1,394 @@
+"""Resolving an adapter's targets (roles, module names, regexes) to concrete sites of a model."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from registry import (
+    KINDS,
+    ArchitectureRecord,
+    Diagnostic,
+    MethodRecord,
+    Module,
+    Registry,
+    Slice,
+    Sublayer,
+)
+
+from .graph import AdapterSpec
+from .sites import MODEL_FAMILIES, SiteInfo, is_linear, linear_shape
+
+
+@dataclass(frozen=True)
+class _Location:
+    key: str
+    path: str
+    role: str | None
+    layer: int | None
+    target: Any
+
+
+def backbone_prefix(model: nn.Module) -> str:
+    """Path of the transformers backbone inside ``model`` ('' when the model is the backbone)."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return ""
+    for name, module in model.named_children():
+        if module is base:
+            return name + "."
+    return ""
+
+
+def model_type(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None)
+
+
+def _module_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_modules() if n]
+
+
+class Resolver:
+    """Resolves targets on one model; built once per compose."""
+
+    def __init__(self, model: nn.Module, registry: Registry):
+        self.model = model
+        self.registry = registry
+        self.model_type = model_type(model)
+        self.arch: ArchitectureRecord | None = registry.architecture_for(self.model_type)
+        self.prefix = backbone_prefix(model)
+        self.names = _module_names(model)
+        self.num_layers = self.arch.num_layers(model.config) if self.arch else None
+        try:
+            first = next(model.parameters())
+            self.dtype, self.device = first.dtype, first.device
+        except StopIteration:
+            self.dtype, self.device = torch.float32, torch.device("cpu")
+
+    # --- locations --------------------------------------------------------------------
+
+    def _role_locations(
+        self, spec: AdapterSpec, role: str, diags: list[Diagnostic]
+    ) -> list[_Location]:
+        target = self.arch.roles[role]
+        template = target.output if isinstance(target, Sublayer) else target.path
+        layered = "{i}" in template
+        if layered:
+            layers = list(range(self.num_layers)) if spec.layers is None else list(spec.layers)
+            bad = [i for i in layers if not 0 <= i < self.num_layers]
+            if bad:
+                diags.append(
+                    Diagnostic(
+                        code="bad-layers",
+                        message=f"adapter {spec.name!r} asks for layers {bad}, but the model has {self.num_layers} (0..{self.num_layers - 1})",
+                        nodes=(spec.name,),
+                        fix=f"use layer indices below {self.num_layers}",
+                    )
+                )
+                layers = [i for i in layers if i not in bad]
+        else:
+            layers = [None]
+        locs = []
+        for i in layers:
+            fill = (
+                (lambda t, i=i: self.prefix + t.format(i=i))
+                if i is not None
+                else (lambda t: self.prefix + t)
+            )
+            if isinstance(target, Sublayer):
+                resolved: Any = Sublayer(fill(target.input), fill(target.output))
+                path = resolved.output
+            elif isinstance(target, Slice):
+                resolved = Slice(fill(target.path), target.index, target.parts)
+                path = resolved.path
+            else:
+                resolved = Module(fill(target.path))
+                path = resolved.path
+            key = f"layers.{i}.{role}" if i is not None else role
+            locs.append(_Location(key, path, role, i, resolved))
+        return locs
+
+    def _pattern_locations(self, spec: AdapterSpec, pattern: str) -> list[_Location]:
+        if pattern.startswith("re:"):
+            rx = re.compile(pattern[3:])
+            paths = [n for n in self.names if rx.fullmatch(n)]
+        else:
+            paths = [n for n in self.names if n == pattern or n.endswith("." + pattern)]
+        return [_Location(f"module.{p}", p, None, None, Module(p)) for p in paths]
+
+    def locations(
+        self, spec: AdapterSpec, method: MethodRecord, diags: list[Diagnostic]
+    ) -> list[_Location]:
+        targets = spec.targets if spec.targets is not None else method.default_targets
+        if not targets:
+            diags.append(
+                Diagnostic(
+                    code="no-targets",
+                    message=f"adapter {spec.name!r} ({method.name}) names no targets and the method has no default",
+                    nodes=(spec.name,),
+                    fix="pass targets=[...] (roles such as 'attn.q', module names, or 're:<regex>')",
+                )
+            )
+            return []
+        locs: list[_Location] = []
+        known_roles = self.registry.roles
+        for t in targets:
+            if self.arch is not None and t in self.arch.roles:
+                locs.extend(self._role_locations(spec, t, diags))
+                continue
+            if t in known_roles:
+                if self.arch is None:
+                    diags.append(
+                        Diagnostic(
+                            code="no-architecture",
+                            message=f"adapter {spec.name!r} targets role {t!r}, but no architecture plugin maps model type {self.model_type!r}",
+                            nodes=(spec.name,),
+                            rule="roles are mapped to modules by architecture plugins",
+                            fix="target module names or 're:<regex>' patterns instead, or install an architecture plugin",
+                        )
+                    )
+                else:
+                    diags.append(
+                        Diagnostic(
+                            code="role-missing",
+                            message=f"adapter {spec.name!r} targets role {t!r}, which {self.arch.name} models do not have",
+                            nodes=(spec.name,),
+                            rule=f"roles of {self.arch.name}: {', '.join(self.arch.roles)}",
+                            fix="choose one of those roles, or target a module name or 're:<regex>'",
+                        )
+                    )
+                continue
+            found = self._pattern_locations(spec, t)
+            if found:
+                locs.extend(found)
+                continue
+            if t.startswith("re:"):
+                diags.append(
+                    Diagnostic(
+                        code="pattern-matches-nothing",
+                        message=f"adapter {spec.name!r}: regex {t[3:]!r} matches no module of this model",
+                        nodes=(spec.name,),
+                        fix="check the pattern against [n for n, _ in model.named_modules()] (it must match the whole path)",
+                    )
+                )
+                continue
+            vocabulary = sorted(known_roles)
+            close = difflib.get_close_matches(
+                t, vocabulary + sorted({n.rsplit(".", 1)[-1] for n in self.names}), n=3
+            )
+            diags.append(
+                Diagnostic(
+                    code="unknown-role",
+                    message=f"adapter {spec.name!r}: {t!r} is neither a known role nor the name of a module in this model"
+                    + (f"; did you mean {', '.join(map(repr, close))}?" if close else ""),
+                    nodes=(spec.name,),
+                    rule=f"known roles: {', '.join(vocabulary)}",
+                    fix="use a role, a module name such as 'q_proj', or a regex 're:...'",
+                )
+            )
+        unique: dict[tuple[str, Any], _Location] = {}
+        for loc in locs:
+            unique.setdefault((loc.path, loc.target), loc)
+        return list(unique.values())
+
+    def block_path(self, layer: int) -> str | None:
+        """Module path of layer ``layer`` (the architecture's ``block`` role), if mapped."""
+        if self.arch is None or "block" not in self.arch.roles:
+            return None
+        return self.prefix + self.arch.roles["block"].path.format(i=layer)
+
+    # --- sites ------------------------------------------------------------------------
+
+    def model_site(self, spec: AdapterSpec, kind: str, diags: list[Diagnostic]) -> SiteInfo | None:
+        family = KINDS[kind]
+        geometry = None
+        if family == "prefix":
+            if self.arch is None or self.arch.geometry is None:
+                diags.append(self._point_missing(spec, kind))
+                return None
+            geometry = self.arch.geometry(self.model.config)
+        elif self.arch is not None and kind not in self.arch.provides and family != "optimizer":
+            diags.append(self._point_missing(spec, kind))
+            return None
+        return SiteInfo(
+            key="model",
+            path="",
+            family=family,
+            kind=kind,
+            geometry=geometry,
+            model_config=getattr(self.model, "config", None),
+            module=self.model,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def _point_missing(self, spec: AdapterSpec, kind: str) -> Diagnostic:
+        arch = self.arch.name if self.arch else f"model type {self.model_type!r}"
+        provided = ", ".join(sorted(self.arch.provides)) if self.arch else "none known"
+        return Diagnostic(
+            code="point-missing",
+            message=f"adapter {spec.name!r} needs insertion point {kind!r}, which {arch} does not provide",
+            nodes=(spec.name,),
+            rule=f"insertion points provided: {provided}",
+            fix="use a method acting through one of those points, or extend the architecture plugin",
+        )
+
+    def sites(
+        self, spec: AdapterSpec, method: MethodRecord, config: Any, diags: list[Diagnostic]
+    ) -> list[SiteInfo]:
+        """Every site where adapter ``spec`` acts, or diagnostics saying why it cannot."""
+        model_kinds = [k for k in method.points if KINDS[k] in MODEL_FAMILIES]
+        if model_kinds and len(model_kinds) == len(method.points):
+            site = self.model_site(spec, model_kinds[0], diags)
+            return [site] if site is not None else []
+        out: list[SiteInfo] = []
+        local: list[Diagnostic] = []
+        for loc in self.locations(spec, method, diags):
+            probe = SiteInfo(
+                key=loc.key, path=loc.path, family="", kind="", role=loc.role, layer=loc.layer
+            )
+            kind = method.kind_for(config, probe)
+            family = KINDS[kind]
+            if self.arch is not None and loc.role is not None and kind not in self.arch.provides:
+                local.append(self._point_missing(spec, kind))
+                continue
+            site = self._site(spec, method, loc, kind, family, local)
+            if site is not None:
+                out.append(site)
+        diags.extend(_merge_repeats(local))
+        return out
+
+    def _site(self, spec, method, loc, kind, family, diags) -> SiteInfo | None:
+        try:
+            module = self.model.get_submodule(loc.path)
+            while getattr(module, "is_composer_site", False):  # a live composition (hot swap)
+                module = module.base
+        except AttributeError:
+            diags.append(
+                Diagnostic(
+                    code="role-path-missing",
+                    message=f"role {loc.role!r} maps to {loc.path!r}, which this model does not have",
+                    nodes=(spec.name,),
+                    fix="the architecture plugin does not fit this model variant; target module names instead",
+                )
+            )
+            return None
+        common = dict(
+            key=loc.key,
+            path=loc.path,
+            family=family,
+            kind=kind,
+            role=loc.role,
+            layer=loc.layer,
+            model_config=getattr(self.model, "config", None),
+            dtype=self.dtype,
+            device=self.device,
+        )
+        if family == "linear":
+            if isinstance(loc.target, Sublayer) or not is_linear(module):
+                what = repr(loc.role) if loc.role else repr(loc.path)
+                diags.append(
+                    Diagnostic(
+                        code="target-not-linear",
+                        message=f"adapter {spec.name!r} ({method.name}, {kind}) targets {what}, "
+                        f"a {type(module).__name__}, not a linear layer",
+                        nodes=(spec.name,),
+                        sites=(loc.path,),
+                        fix="target linear roles (attn.q, attn.k, attn.v, attn.o, mlp.*) or linear modules",
+                    )
+                )
+                return None
+            fan_in, fan_out = linear_shape(module)
+            out_slice = None
+            if isinstance(loc.target, Slice):
+                if fan_out % loc.target.parts:
+                    diags.append(
+                        Diagnostic(
+                            code="role-path-missing",
+                            message=f"{loc.path!r} has {fan_out} outputs, not divisible into {loc.target.parts} parts",
+                            nodes=(spec.name,),
+                        )
+                    )
+                    return None
+                size = fan_out // loc.target.parts
+                out_slice = (loc.target.index * size, (loc.target.index + 1) * size)
+                fan_out = size
+            return SiteInfo(
+                **common,
+                out_slice=out_slice,
+                in_features=fan_in,
+                out_features=fan_out,
+                module=module,
+            )
+        if family == "sublayer":
+            if loc.role is not None and not isinstance(loc.target, Sublayer):
+                diags.append(
+                    Diagnostic(
+                        code="kind-target-mismatch",
+                        message=f"adapter {spec.name!r} ({method.name}, {kind}) acts on a sublayer's output, "
+                        f"but role {loc.role!r} is a single layer, not a sublayer",
+                        nodes=(spec.name,),
+                        sites=(loc.path,),
+                        fix="target the sublayer roles 'attn' or 'mlp' (or a module name, at your own risk)",
+                    )
+                )
+                return None
+            target = (
+                loc.target if isinstance(loc.target, Sublayer) else Sublayer(loc.path, loc.path)
+            )
+            width = (
+                linear_shape(module)[1] if is_linear(module) else _output_width(self.model, module)
+            )
+            return SiteInfo(
+                **common,
+                input_path=target.input,
+                in_features=width,
+                out_features=width,
+                module=module,
+            )
+        diags.append(
+            Diagnostic(
+                code="kind-target-mismatch",
+                message=f"adapter {spec.name!r}: kind {kind!r} acts on the whole model, not on {loc.key!r}",
+                nodes=(spec.name,),
+                fix="leave targets unset for this method",
+            )
+        )
+        return None
+
+
+def _merge_repeats(diags: list[Diagnostic]) -> list[Diagnostic]:
+    """One diagnostic per (code, message), with the sites of all repeats (one per layer)."""
+    merged: dict[tuple[str, str], Diagnostic] = {}
+    for d in diags:
+        key = (d.code, d.message)
+        if key in merged:
+            old = merged[key]
+            merged[key] = Diagnostic(
+                d.code,
+                d.message,
+                old.nodes,
+                old.sites + tuple(s for s in d.sites if s not in old.sites),
+                d.rule,
+                d.fix,
+                d.plugin,
+            )
+        else:
+            merged[key] = d
+    return list(merged.values())
+
+
+def _output_width(model: nn.Module, module: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        if cfg is not None and hasattr(cfg, attr):
+            return int(getattr(cfg, attr))
+    if is_linear(module):
+        return linear_shape(module)[1]
+    raise ValueError(f"cannot tell the width of {type(module).__name__}")
