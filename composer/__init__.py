@@ -1,27 +1,32 @@
 """adapter-composer: compose PEFT methods as validated graphs over transformers models.
 
-    import composer
-    g = composer.Graph()
-    g.adapter("sst2", "lora", r=8, alpha=16, targets=["attn.q", "attn.v"])
-    composed = composer.compose(model, g)      # validate → plan → apply (in place)
-    print(composed.plan.explain())
-    composed.undo()                            # the original modules, bit-identical
+    import adapter_composer as ac
 
-Note: the import name ``composer`` is also used by MosaicML's Composer; install only one
-of the two in an environment.
+    g = ac.Graph()
+    g.adapter("sst2", "lora", r=8, alpha=16, targets=["attn.q", "attn.v"])
+    composed = ac.compose(model, g)      # validate → plan → apply (in place)
+    print(composed.plan.explain())
+    composed.undo()                      # the original modules, bit-identical
+
+The package is laid out by pipeline stage: ``pipeline`` (graph → resolve → validate →
+plan → apply), ``runtime`` (the modules a composition puts into a model), ``live`` (the
+:class:`Composed` handle: training, routing, merging, hot swap), ``formats`` (our
+composition directory and PEFT's format), ``workflow`` (multi-task tasks, mixtures,
+heads, training, plots), ``registry`` (the plugin host) and ``plugins`` (the built-in
+methods, operators and architectures, loaded like third-party ones).
 """
 
-from registry import Diagnostic
-
-from .api import compose, default_registry, make_plan, plan
-from .composed import AdapterHandle, Composed, ParameterReport
-from .errors import AdapterFileError, ComposerError, CompositionError, RoutingError
-from .graph import AdapterSpec, Graph, Node, OperatorSpec
-from .io import load
-from .peft_io import PeftAdapter, from_peft, read_peft
-from .plan import Plan
-from .sites import SiteInfo
-from .validate import validate
+from adapter_composer._version import __version__
+from adapter_composer.api import compose, from_peft, load, plan
+from adapter_composer.errors import AdapterFileError, ComposerError, CompositionError, RoutingError
+from adapter_composer.formats.peft import PeftAdapter, read_peft
+from adapter_composer.live.composed import Composed
+from adapter_composer.live.handles import AdapterHandle, ParameterReport
+from adapter_composer.pipeline.graph import AdapterSpec, Graph, Node, OperatorSpec
+from adapter_composer.pipeline.plan import Plan, make_plan
+from adapter_composer.pipeline.validate import validate
+from adapter_composer.registry import Diagnostic, default_registry, hookimpl, load_registry
+from adapter_composer.sites import SiteInfo
 
 __all__ = [
     "AdapterFileError",
@@ -39,10 +44,13 @@ __all__ = [
     "Plan",
     "RoutingError",
     "SiteInfo",
+    "__version__",
     "compose",
     "default_registry",
     "from_peft",
+    "hookimpl",
     "load",
+    "load_registry",
     "make_plan",
     "plan",
     "read_peft",

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import runpy
 import sys
 from pathlib import Path
 
 import torch
+
+from adapter_composer._version import __version__
 
 
 def _model(spec: str):
@@ -40,7 +41,7 @@ def _model(spec: str):
 
 
 def _graph(spec: str):
-    from .graph import Graph
+    from adapter_composer.pipeline.graph import Graph
 
     path = Path(spec)
     if not path.is_file():
@@ -49,7 +50,7 @@ def _graph(spec: str):
 
 
 def _registry(args):
-    from registry import load_registry
+    from adapter_composer.registry import load_registry
 
     return load_registry(entry_points=not args.no_entry_points)
 
@@ -60,8 +61,8 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .errors import CompositionError
-    from .validate import validate
+    from adapter_composer.errors import CompositionError
+    from adapter_composer.pipeline.validate import validate
 
     try:
         graph = _graph(args.graph)
@@ -80,8 +81,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .api import plan
-    from .errors import CompositionError
+    from adapter_composer.api import plan
+    from adapter_composer.errors import CompositionError
 
     try:
         the_plan = plan(_model(args.model), _graph(args.graph), registry=_registry(args))
@@ -93,18 +94,16 @@ def cmd_plan(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    demo = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
-    if not demo.is_file():
-        raise SystemExit("error: the demo ships with the source tree (examples/demo.py)")
-    sys.argv = [str(demo), *args.rest]
-    runpy.run_path(str(demo), run_name="__main__")
-    return 0
+    from adapter_composer.demo import run_with
+
+    return run_with(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="adapter-composer", description="Compose PEFT methods as validated graphs."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--no-entry-points", action="store_true", help="load only the built-in plugins"
     )
@@ -126,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "plan":
             p.add_argument("--json", action="store_true", help="print the plan as JSON")
         p.set_defaults(fn=fn)
-    demo = sub.add_parser("demo", help="run the quick-start demo")
-    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    from adapter_composer.demo import add_arguments
+
+    demo = sub.add_parser("demo", help="run the quick-start demo (a tiny model built offline)")
+    add_arguments(demo)
     demo.set_defaults(fn=cmd_demo)
     args = parser.parse_args(argv)
     return args.fn(args)

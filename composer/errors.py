@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from registry import Diagnostic
+from adapter_composer.registry import Diagnostic
 
 
 class ComposerError(Exception):

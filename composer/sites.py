@@ -1,6 +1,6 @@
 """Sites: where an adapter acts (``SiteInfo``) and the linear-layer helpers sites use.
 
-Target resolution (roles, module names, regexes → sites) is in :mod:`composer.resolve`.
+Target resolution (roles, module names, regexes → sites) is in :mod:`adapter_composer.pipeline.resolve`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from registry import (
+from adapter_composer.registry import (
     AttentionGeometry,
 )
 

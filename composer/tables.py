@@ -4,7 +4,7 @@ A cell is *verified* when the operator implements every site family the method a
 no rule refuses the pair; otherwise it is *refused*, with the rule's reason. The test
 battery (tests/composer/test_operator_table.py) checks every verified cell numerically and
 every refused cell for its ``CompositionError``; the README's copy of the table is
-regenerated with ``python -m composer.tables --write README.md`` and a test keeps it current.
+regenerated with ``python -m adapter_composer.tables --write README.md`` and a test keeps it current.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from registry import KINDS, Registry, load_registry
+from adapter_composer.registry import KINDS, Registry, load_registry
 
 START, END = "<!-- method-operator-table:start -->", "<!-- method-operator-table:end -->"
 

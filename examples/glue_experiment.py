@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-import composer
-from composer import Graph
-from composer.heads import TaskHeads
-from composer.tasks import Task, TaskSpec
-from composer.training import TrainConfig, train
+import adapter_composer as ac
+from adapter_composer import Graph
+from adapter_composer.workflow.heads import TaskHeads
+from adapter_composer.workflow.tasks import Task, TaskSpec
+from adapter_composer.workflow.training import TrainConfig, train
 
 LORA_ROLES = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
 
@@ -105,7 +105,7 @@ def single_task(method: str, config: dict[str, Any], tasks, args) -> tuple[dict[
         model, tok = encoder()
         g = Graph()
         g.adapter(name, method, **config)
-        composed = composer.compose(model, g)
+        composed = ac.compose(model, g)
         heads = TaskHeads({name: task.spec}, hidden=model.config.hidden_size)
         lr = 3e-3 if method == "ia3" else 2e-3
         cfg = TrainConfig(steps=steps_for(task, args.batch_size, args.quick), batch_size=args.batch_size, lr=lr, head_lr=1e-3, progress=not args.quick, seed=0)
@@ -129,7 +129,7 @@ def multi_task(kind: str, tasks, args, lora_states) -> tuple[dict[str, float], i
         g.mix(*names, train_experts=False, temperature=1.0)
     else:
         g.sum(*names, weights=[1.0 / len(names)] * len(names))
-    composed = composer.compose(model, g)
+    composed = ac.compose(model, g)
     heads = TaskHeads({n: t.spec for n, t in tasks.items()}, hidden=model.config.hidden_size)
     if kind in ("mix", "sum"):  # start from the single-task experts and heads
         for n in names:
@@ -141,7 +141,7 @@ def multi_task(kind: str, tasks, args, lora_states) -> tuple[dict[str, float], i
         cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=1e-3, sampling="temperature", temperature=2.0, progress=not args.quick, seed=0)
         scores = train(composed, heads, tasks, tok, cfg).final
     else:
-        from composer.training import evaluate
+        from adapter_composer.workflow.training import evaluate
 
         scores = evaluate(composed, heads, tasks, tok)
     params = composed.trainable_parameters().trainable if steps else 0  # adapters and routers trained here; heads excluded
@@ -162,7 +162,7 @@ def report(results: dict[str, dict[str, Any]], out: Path | None) -> str:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))
         try:
-            from composer.plots import plot_results
+            from adapter_composer.workflow.plots import plot_results
 
             plot_results(results, tasks, out / "results.png")
         except ImportError:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import composer
+import adapter_composer as ac
 
 ROLES = ["attn.q", "attn.k", "attn.v", "attn.o"]
 
@@ -33,9 +33,9 @@ def base_model() -> LlamaForCausalLM:
 def train_tenant(name: str, seed: int, directory: Path) -> Path:
     """Stand-in for a tenant's fine-tuning job: a LoRA with its own weights, saved to disk."""
     model = base_model()
-    g = composer.Graph()
+    g = ac.Graph()
     g.adapter(name, "lora", r=8, alpha=16, targets=ROLES)
-    tenant = composer.compose(model, g)
+    tenant = ac.compose(model, g)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in tenant.parameters():
@@ -48,13 +48,13 @@ def main() -> None:
     tenants = {name: train_tenant(name, seed, work) for seed, name in enumerate(["acme", "globex", "initech"])}
 
     model = base_model()
-    g = composer.Graph()
+    g = ac.Graph()
     for name in tenants:
         g.adapter(name, "lora", r=8, alpha=16, targets=ROLES)
     g.route({name: name for name in tenants}, name="tenants")
-    served = composer.compose(model, g)
+    served = ac.compose(model, g)
     for name, path in tenants.items():  # load each tenant's weights into the composition
-        served.replace_weights(name, composer.load(base_model(), path).adapters[name].state_dict())
+        served.replace_weights(name, ac.load(base_model(), path).adapters[name].state_dict())
 
     prompts = torch.randint(0, 512, (4, 6), generator=torch.Generator().manual_seed(1))
     requests = ["acme", "initech", None, "globex"]

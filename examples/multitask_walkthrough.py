@@ -21,10 +21,10 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-import composer
-from composer.heads import TaskHeads
-from composer.tasks import Task, TaskSpec
-from composer.training import TrainConfig, train
+import adapter_composer as ac
+from adapter_composer.workflow.heads import TaskHeads
+from adapter_composer.workflow.tasks import Task, TaskSpec, check_tasks
+from adapter_composer.workflow.training import TrainConfig, train
 
 ROLES = ["attn.q", "attn.v", "mlp.up"]
 FILLER = ["the", "movie", "plot", "film", "a", "very", "was", "it"]
@@ -91,22 +91,22 @@ def tasks() -> dict[str, Task]:
 
 def run(setup: str, data: dict[str, Task], tok, steps: int, singles: dict | None = None) -> tuple[dict, int, dict]:
     model = encoder()
-    g = composer.Graph()
+    g = ac.Graph()
     for name in data:
         g.adapter(name, "lora", r=4, alpha=8, targets=ROLES)
     if setup == "route":
         g.route({name: name for name in data})          # row i uses the LoRA of its task
     elif setup == "mix":
         g.mix(*data, train_experts=False)                # a learned gate over frozen task LoRAs
-    composed = composer.compose(model, g)
+    composed = ac.compose(model, g)
     heads = TaskHeads({k: t.spec for k, t in data.items()}, hidden=64, dropout=0.0)
     config = TrainConfig(steps=steps, batch_size=32, lr=5e-3, head_lr=1e-2, progress=False, seed=0)
     if setup == "single":  # each task's LoRA trained alone (only its own adapter sees data)
         scores = {}
         for name in data:
-            one = composer.Graph()
+            one = ac.Graph()
             one.adapter(name, "lora", r=4, alpha=8, targets=ROLES)
-            alone = composer.compose(encoder(), one)
+            alone = ac.compose(encoder(), one)
             head = TaskHeads({name: data[name].spec}, hidden=64, dropout=0.0)
             scores[name] = train(alone, head, {name: data[name]}, tok, config).final[name]
             composed.replace_weights(name, alone.adapters[name].state_dict())
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     data, tok = tasks(), tokenizer()
-    composer.tasks.check_tasks(data)  # every data problem is reported before any training
+    check_tasks(data)  # every data problem is reported before any training
     results = {}
     scores, params, singles = run("single", data, tok, args.steps)
     results["lora per task"] = {"scores": scores, "params": params}

@@ -26,11 +26,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from composer.peft_io import unsupported_options
-from plugins.lora import peft_lora_common
-from registry import Capabilities, hookimpl
-
-from .adalora_allocator import AdaLoraController, Allocation, budget_at
+from adapter_composer.formats.peft import unsupported_options
+from adapter_composer.plugins.adalora_allocator import AdaLoraController, Allocation, budget_at
+from adapter_composer.plugins.lora import peft_lora_common
+from adapter_composer.registry import Capabilities, hookimpl
 
 __all__ = [
     "AdaLoRA",

@@ -205,10 +205,10 @@ class AdaLoraController:
         """The masks as PEFT's ``rank_pattern``: ``{"<module path>.lora_E": [kept, ...]}``."""
         return {f"{self.modules[k].path}.lora_E": m.tolist() for k, m in self.masks.items()}
 
-    # --- composer.training.train callbacks ---------------------------------------------
+    # --- adapter_composer.workflow.training.train callbacks ---------------------------------------------
 
     def extra_loss(self, step: int) -> torch.Tensor:
-        """The orthogonality term, added to the loss by ``composer.training.train``."""
+        """The orthogonality term, added to the loss by ``adapter_composer.workflow.training.train``."""
         return self.regularization()
 
     def after_backward(self, step: int) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from registry import AttentionGeometry, Module, Slice, Sublayer, hookimpl
+from adapter_composer.registry import AttentionGeometry, Module, Slice, Sublayer, hookimpl
 
 LINEAR_KINDS = ("linear.delta", "linear.scale_out", "linear.scale_in")
 SUBLAYER_KINDS = ("sublayer.output", "sublayer.parallel")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from registry import Capabilities, Diagnostic, hookimpl
+from adapter_composer.registry import Capabilities, Diagnostic, hookimpl
 
 __all__ = ["BottleneckAdapter", "BottleneckConfig", "build", "point_for"]
 
@@ -182,7 +182,7 @@ def _size_problems(name: str, config: BottleneckConfig, sites: list[Any]) -> lis
                 rule="a bottleneck adapter projects the width d down to m ≤ d",
                 fix=f"choose bottleneck ≤ {widths[0]} (e.g. {max(widths[0] // 16, 1)}) or "
                 "reduction_factor ≥ 1 (e.g. 16)",
-                plugin=f"plugins.{METHOD}",
+                plugin=f"adapter_composer.plugins.{METHOD}",
             )
         )
     if empty:
@@ -196,7 +196,7 @@ def _size_problems(name: str, config: BottleneckConfig, sites: list[Any]) -> lis
                 sites=tuple(s.key for s in empty),
                 rule="m = d // reduction_factor must be at least 1",
                 fix=f"choose reduction_factor ≤ {widths[0]} or give bottleneck=m directly",
-                plugin=f"plugins.{METHOD}",
+                plugin=f"adapter_composer.plugins.{METHOD}",
             )
         )
     return out
@@ -214,7 +214,7 @@ def _houlsby_targets(name: str, spec: Any) -> list[Diagnostic]:
             nodes=(name,),
             rule="default targets cannot depend on the config; houlsby's placement is explicit",
             fix=f"pass targets={list(HOULSBY_TARGETS)} (or style='pfeiffer' for the FFN only)",
-            plugin=f"plugins.{METHOD}",
+            plugin=f"adapter_composer.plugins.{METHOD}",
         )
     ]
 

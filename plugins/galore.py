@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from registry import Capabilities, hookimpl
+from adapter_composer.registry import Capabilities, hookimpl
 
 __all__ = [
     "GaLoreAdamW",

@@ -20,10 +20,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from composer.peft_io import PREFIX, unsupported_options
-from registry import Capabilities, hookimpl
-
-from .lora import pattern_value
+from adapter_composer.formats.peft import PREFIX, unsupported_options
+from adapter_composer.plugins.lora import pattern_value
+from adapter_composer.registry import Capabilities, hookimpl
 
 SCALE_OUT, SCALE_IN = "linear.scale_out", "linear.scale_in"
 # our tensor name per kind; the name records the side, so a file that disagrees with the

@@ -50,15 +50,14 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from composer.errors import ComposerError
-from composer.runtime.linear import Leaf, LinearSite
-from composer.sites import is_linear, linear_shape
-from registry import Capabilities, Diagnostic, hookimpl
-
-from .quantize import dequantize, quantize
+from adapter_composer.errors import ComposerError
+from adapter_composer.plugins.quantize import dequantize, quantize
+from adapter_composer.registry import Capabilities, Diagnostic, hookimpl
+from adapter_composer.runtime.linear import Leaf, LinearSite
+from adapter_composer.sites import is_linear, linear_shape
 
 METHOD = "loftq"
-PLUGIN = "plugins.loftq"
+PLUGIN = "adapter_composer.plugins.loftq"
 
 
 class LoftqConfig(BaseModel):

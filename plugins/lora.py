@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from composer.peft_io import unsupported_options
-from registry import Capabilities, hookimpl
+from adapter_composer.formats.peft import unsupported_options
+from adapter_composer.registry import Capabilities, hookimpl
 
 
 class LoraConfig(BaseModel):

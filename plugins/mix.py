@@ -22,10 +22,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from composer.runtime.linear import NF, nf_weighted
-from composer.runtime.lowrank import lowrank_of, mixed_delta
-from composer.runtime.sublayer import residual_weighted
-from registry import hookimpl
+from adapter_composer.registry import hookimpl
+from adapter_composer.runtime.linear import NF, nf_weighted
+from adapter_composer.runtime.lowrank import lowrank_of, mixed_delta
+from adapter_composer.runtime.sublayer import residual_weighted
 
 
 class MixOptions(BaseModel):

@@ -3,7 +3,7 @@
     stack[a, b]      ops applied in order at each site; the later wraps the earlier
     sum[w](a, b)     W x + Σ wᵢ Δᵢ(x); scales combine as 1 + Σ wᵢ (lᵢ − 1)
 
-The math of each site family lives with the family's runtime (composer.runtime.*); the
+The math of each site family lives with the family's runtime (adapter_composer.runtime.*); the
 nodes here only say how their children combine.
 """
 
@@ -15,10 +15,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from composer.runtime.linear import fold_stack, fold_weighted, nf_stack, nf_weighted
-from composer.runtime.model import segments_stack
-from composer.runtime.sublayer import residual_stack, residual_weighted
-from registry import hookimpl
+from adapter_composer.registry import hookimpl
+from adapter_composer.runtime.linear import fold_stack, fold_weighted, nf_stack, nf_weighted
+from adapter_composer.runtime.model import segments_stack
+from adapter_composer.runtime.sublayer import residual_stack, residual_weighted
 
 
 class StackOptions(BaseModel):

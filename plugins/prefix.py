@@ -2,7 +2,7 @@
 
     layer l:  K' = [P_l^K; K],  V' = [P_l^V; V],   P_l^K, P_l^V ∈ R^{n × H_kv × hd}
 
-The host's model hook (``composer.runtime.model``) puts P in a fresh ``DynamicCache`` before
+The host's model hook (``adapter_composer.runtime.model``) puts P in a fresh ``DynamicCache`` before
 the first real token and prepends n ones to the attention mask, so real tokens take the
 positions n, n+1, ... (HF PEFT's convention). With grouped-query attention the prefix has the
 KV-head geometry ``site.geometry`` (H_kv heads of width hd), not the query heads'.
@@ -44,9 +44,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from registry import AttentionGeometry, Capabilities, hookimpl
-
-from .prompt import PEFT_TENSOR, check_peft_prompt_learning, model_tensor, peft_model_fields, seeded
+from adapter_composer.plugins.prompt import (
+    PEFT_TENSOR,
+    check_peft_prompt_learning,
+    model_tensor,
+    peft_model_fields,
+    seeded,
+)
+from adapter_composer.registry import AttentionGeometry, Capabilities, hookimpl
 
 METHOD = "prefix_tuning"
 
@@ -150,7 +155,7 @@ def freeze_projection(composed: Any, name: str) -> None:
     """Drop adapter ``name``'s MLP for inference: P is kept as computed, outputs are unchanged.
 
     Also records ``projection=False`` in ``composed.graph`` and the adapter's config, so
-    ``composed.save`` then writes (and ``composer.load`` rebuilds) the direct form. Build
+    ``composed.save`` then writes (and ``adapter_composer.load`` rebuilds) the direct form. Build
     optimizers after calling this: the MLP's parameters are gone.
     """
     handle = composed.adapters[name]

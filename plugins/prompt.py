@@ -3,7 +3,7 @@
     inputs_embeds = [P; embed(ids)],   P ∈ R^{n × d},   d = the input-embedding width
 
 The attention mask gets n ones, labels get n × -100 and token types n zeros; the host's
-model hook (``composer.runtime.model``) does that, this module only holds P. Stacked
+model hook (``adapter_composer.runtime.model``) does that, this module only holds P. Stacked
 prompts concatenate in order: ``stack(a, b)`` gives ``[P_a; P_b; embed(ids)]``.
 
 Initialisation, as in HF PEFT's ``PromptTuningInit``:
@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from registry import Capabilities, hookimpl
+from adapter_composer.registry import Capabilities, hookimpl
 
 PEFT_TENSOR = "prompt_embeddings"
 PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}

@@ -19,12 +19,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from composer.errors import RoutingError
-from composer.runtime.linear import NF
-from composer.runtime.lowrank import LowRankBank, lowrank_of, routed_delta
-from composer.runtime.model import SegmentCall, Segments
-from composer.runtime.sublayer import SublayerCall
-from registry import hookimpl
+from adapter_composer.errors import RoutingError
+from adapter_composer.registry import hookimpl
+from adapter_composer.runtime.linear import NF
+from adapter_composer.runtime.lowrank import LowRankBank, lowrank_of, routed_delta
+from adapter_composer.runtime.model import SegmentCall, Segments
+from adapter_composer.runtime.sublayer import SublayerCall
 
 
 class RouteOptions(BaseModel):

@@ -5,11 +5,11 @@ They answer last (``trylast``), so a plugin can build sites for quantised or cus
 
 from __future__ import annotations
 
-from composer.runtime import SiteBuild
-from composer.runtime.linear import LinearSite
-from composer.runtime.sublayer import SublayerSite
-from composer.sites import is_linear
-from registry import hookimpl
+from adapter_composer.registry import hookimpl
+from adapter_composer.runtime import SiteBuild
+from adapter_composer.runtime.linear import LinearSite
+from adapter_composer.runtime.sublayer import SublayerSite
+from adapter_composer.sites import is_linear
 
 
 @hookimpl(trylast=True)

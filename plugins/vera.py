@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from composer.peft_io import join_tensors, split_tensors, unsupported_options
-from registry import Capabilities, hookimpl
+from adapter_composer.formats.peft import join_tensors, split_tensors, unsupported_options
+from adapter_composer.registry import Capabilities, hookimpl
 
 
 class VeraConfig(BaseModel):

@@ -4,7 +4,7 @@ Build a registry explicitly with :func:`load_registry`; nothing happens at impor
 Plugins implement the hooks in :mod:`registry.hookspecs`, marked with :data:`hookimpl`.
 """
 
-from .core import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, Registry, load_registry
+from .core import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, Registry, default_registry, load_registry
 from .errors import PluginError, RegistryError
 from .hookspecs import hookimpl, hookspec
 from .records import (
@@ -40,6 +40,7 @@ __all__ = [
     "RuleSet",
     "Slice",
     "Sublayer",
+    "default_registry",
     "hookimpl",
     "hookspec",
     "load_registry",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata as md
 from collections.abc import Iterable, Mapping
@@ -25,20 +26,20 @@ ENTRY_POINT_GROUP = "adapter_composer"
 
 # Built-in plugins, loaded by module name through the same path as third-party ones.
 BUILTIN_PLUGINS: tuple[str, ...] = (
-    "plugins.sites",
-    "plugins.operators",
-    "plugins.route",
-    "plugins.mix",
-    "plugins.architectures",
-    "plugins.lora",
-    "plugins.bottleneck",
-    "plugins.ia3",
-    "plugins.vera",
-    "plugins.adalora",
-    "plugins.loftq",
-    "plugins.galore",
-    "plugins.prompt",
-    "plugins.prefix",
+    "adapter_composer.plugins.sites",
+    "adapter_composer.plugins.operators",
+    "adapter_composer.plugins.route",
+    "adapter_composer.plugins.mix",
+    "adapter_composer.plugins.architectures",
+    "adapter_composer.plugins.lora",
+    "adapter_composer.plugins.bottleneck",
+    "adapter_composer.plugins.ia3",
+    "adapter_composer.plugins.vera",
+    "adapter_composer.plugins.adalora",
+    "adapter_composer.plugins.loftq",
+    "adapter_composer.plugins.galore",
+    "adapter_composer.plugins.prompt",
+    "adapter_composer.plugins.prefix",
 )
 
 
@@ -296,3 +297,10 @@ def load_registry(
         operators,
         rules,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def default_registry() -> Registry:
+    """The registry used when none is passed: built-ins plus installed plugins, built once on
+    first use (never at import time). Pass ``registry=load_registry(...)`` to use another."""
+    return load_registry()

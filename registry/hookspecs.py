@@ -72,7 +72,7 @@ def register_rules(register):
 def check_graph(graph, registry):
     """Inspect a composition graph and report problems.
 
-    Receives: ``graph``, a read-only :class:`composer.graph.GraphView` (resolved nodes,
+    Receives: ``graph``, a read-only :class:`adapter_composer.pipeline.validate.GraphView` (resolved nodes,
     children, the networkx graph and, when a model is known, the resolved sites);
     ``registry``, the :class:`registry.Registry` being used.
     Returns: a list of :class:`registry.Diagnostic` (empty when all is well). Never
@@ -88,8 +88,8 @@ def build_site(base, family, site):
 
     Receives: ``base``, the model's original module at the site; ``family``, the
     site family (``"linear"``, ``"sublayer"``); ``site``, the
-    :class:`composer.sites.SiteInfo` describing it.
-    Returns: a site module (see :mod:`composer.runtime`) wrapping ``base``, or ``None``
+    :class:`adapter_composer.sites.SiteInfo` describing it.
+    Returns: a site module (see :mod:`adapter_composer.runtime`) wrapping ``base``, or ``None``
     to let the next plugin decide. The first non-``None`` answer wins; the built-in
     builders answer last, so a plugin can provide sites for quantised or custom layers.
     Called: once per site, while ``compose`` applies a plan.

@@ -12,6 +12,6 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def registry():
     """One registry for read-only use; tests that add plugins build their own."""
-    from registry import load_registry
+    from adapter_composer.registry import load_registry
 
     return load_registry(entry_points=False)

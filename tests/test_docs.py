@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import registry.hookspecs as hookspecs
+import adapter_composer.registry.hookspecs as hookspecs
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -16,11 +16,11 @@ class SiteBuild:
 
     path: str
     family: str
-    plan: Any  # composer.plan.SitePlan
+    plan: Any  # adapter_composer.pipeline.plan.SitePlan
     program: nn.Module  # the compiled runtime tree of ops and operators
     state: CallState
     kinds: frozenset[str]
-    info: Any = None  # a composer.sites.SiteInfo of the site (shapes, role, layer)
+    info: Any = None  # a adapter_composer.sites.SiteInfo of the site (shapes, role, layer)
 
 
 class SharedRef:

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sites import SiteInfo, linear_weight
+from adapter_composer.sites import SiteInfo, linear_weight
+
 from .state import CallState
 
 

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import RoutingError
-from ..sites import SiteInfo
+from adapter_composer.errors import RoutingError
+from adapter_composer.sites import SiteInfo
+
 from .state import CallState
 
 VIRTUAL = "_adapter_composer_virtual"  # attribute set on caches that hold virtual positions
@@ -194,7 +195,7 @@ class ModelHook:
 
     def _first(self, kwargs: dict, batch: int, cache: Any) -> None:
         if self.prefix is not None and self.prefix.active and self.model.training and _checkpointing(self.model):
-            from ..errors import ComposerError
+            from adapter_composer.errors import ComposerError
 
             raise ComposerError(
                 "prefix tuning cannot train under gradient checkpointing: transformers' checkpointed layers "

@@ -1,6 +1,6 @@
 """Per-call state shared by the sites of one composition: routing keys, gates, aux losses.
 
-It belongs to one :class:`composer.Composed` (never global). The top-level forward hook sets
+It belongs to one :class:`adapter_composer.Composed` (never global). The top-level forward hook sets
 it at the start of each call and it stays until the next call, so that activation
 checkpointing, which re-runs parts of the forward during backward, sees the same routing.
 A call that continues a KV cache (a later ``generate()`` step) keeps the previous call's

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sites import SiteInfo
+from adapter_composer.sites import SiteInfo
+
 from .state import CallState
 
 

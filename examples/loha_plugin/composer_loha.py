@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from registry import Capabilities, Diagnostic, hookimpl
+from adapter_composer.registry import Capabilities, Diagnostic, hookimpl
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import composer
+import adapter_composer as ac
 
 ROLES = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"]
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -56,11 +56,11 @@ def timeit(fns: dict[str, callable], repeats: int) -> dict[str, float]:
 
 def ours_route(n: int):
     model = base_model()
-    g = composer.Graph()
+    g = ac.Graph()
     for i in range(n):
         g.adapter(f"t{i}", "lora", r=8, alpha=16, targets=ROLES)
     g.route({f"k{i}": f"t{i}" for i in range(n)}, name="tasks")
-    composed = composer.compose(model, g)
+    composed = ac.compose(model, g)
     with torch.no_grad():
         for p in composed.parameters():
             p.normal_(0, 0.02)
@@ -105,11 +105,11 @@ def bench_mix(repeats: int, out: list[str]) -> None:
     data = batch(8, 128)
     base = base_model()
     model = base_model()
-    g = composer.Graph()
+    g = ac.Graph()
     for i in range(4):
         g.adapter(f"e{i}", "lora", r=8, alpha=16, targets=ROLES)
     g.mix("e0", "e1", "e2", "e3", name="experts")
-    composed = composer.compose(model, g)
+    composed = ac.compose(model, g)
     with torch.no_grad():
         for p in composed.parameters():
             p.normal_(0, 0.02)
@@ -142,19 +142,19 @@ def _xlora(n: int):
 def bench_compose(out: list[str]) -> None:
     import gc
 
-    composer.default_registry()  # built once, outside the timings
+    ac.default_registry()  # built once, outside the timings
 
     def compose_time(n: int) -> float:
         best = float("inf")
         for _ in range(3):
             model = base_model()
-            g = composer.Graph()
+            g = ac.Graph()
             for i in range(n):
                 g.adapter(f"t{i}", "lora", r=8, targets=ROLES)
             g.route({f"k{i}": f"t{i}" for i in range(n)})
             gc.collect()
             t = time.perf_counter()
-            composer.compose(model, g)
+            ac.compose(model, g)
             best = min(best, time.perf_counter() - t)
         return best
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from transformers import LlamaConfig
 
-import composer
-from composer.cli import main
+import adapter_composer as ac
+from adapter_composer.cli import main
 
 
 @pytest.fixture()
@@ -37,14 +37,14 @@ def test_plugins_lists_everything(capsys):
 
 
 def test_validate_good_graph(tmp_path, config_dir, capsys):
-    g = composer.Graph()
+    g = ac.Graph()
     g.adapter("a", "lora", targets=["attn.q"])
     assert main(["validate", _write(tmp_path, g), "--model", str(config_dir)]) == 0
     assert "no problems" in capsys.readouterr().out
 
 
 def test_validate_bad_graph_exits_nonzero_with_diagnostics(tmp_path, config_dir, capsys):
-    g = composer.Graph()
+    g = ac.Graph()
     g.adapter("a", "lora", r=0, targets=["attn.q"])
     g.adapter("b", "lora", targets=["mlp.nope"])
     assert main(["validate", _write(tmp_path, g), "--model", str(config_dir / "config.json")]) == 1
@@ -59,7 +59,7 @@ def test_validate_unreadable_graph_file(tmp_path, capsys):
 
 
 def test_plan_prints_the_table_and_json(tmp_path, config_dir, capsys):
-    g = composer.Graph()
+    g = ac.Graph()
     g.adapter("a", "lora", targets=["attn.q", "attn.v"])
     assert main(["plan", _write(tmp_path, g), "--model", str(config_dir)]) == 0
     assert "layers.1.self_attn.v_proj" in capsys.readouterr().out
@@ -68,7 +68,7 @@ def test_plan_prints_the_table_and_json(tmp_path, config_dir, capsys):
 
 
 def test_missing_model_config_is_an_error(tmp_path):
-    g = composer.Graph()
+    g = ac.Graph()
     g.adapter("a", "lora")
     with pytest.raises(SystemExit, match="no transformers config"):
         main(["plan", _write(tmp_path, g), "--model", str(tmp_path / "nowhere")])

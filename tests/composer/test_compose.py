@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-import composer
-from composer import ComposerError, Graph
-from composer.runtime.linear import LinearSite
+import adapter_composer as ac
+from adapter_composer import ComposerError, Graph
+from adapter_composer.runtime.linear import LinearSite
 from tests.models import (
     BUILDERS,
     inputs,
@@ -37,7 +37,7 @@ def test_identity_at_init_and_exact_undo(arch, registry):
     modules = dict(model.named_modules())
     g = Graph()
     g.adapter("a", "lora", r=4, targets=["attn.q", "attn.v", "attn.o", "mlp.down"])
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     assert composed.model is model
     assert torch.equal(output(model, batch), before)
     randomize(composed)
@@ -50,7 +50,7 @@ def test_identity_at_init_and_exact_undo(arch, registry):
 
 def test_plan_is_frozen_json_and_explained(registry):
     model = tiny_llama()
-    composed = composer.compose(model, _two_loras(), registry=registry)
+    composed = ac.compose(model, _two_loras(), registry=registry)
     plan = composed.plan
     assert [s.path for s in plan.sites] == [
         "model.layers.0.self_attn.q_proj",
@@ -73,13 +73,13 @@ def test_plan_is_frozen_json_and_explained(registry):
     assert (
         "model.layers.1.mlp.down_proj" in text and "mrpc: lora (r=2, alpha=4.0, dora=True" in text
     )
-    assert composer.plan(tiny_llama(), _two_loras(), registry=registry).to_dict() == plan.to_dict()
+    assert ac.plan(tiny_llama(), _two_loras(), registry=registry).to_dict() == plan.to_dict()
 
 
 def test_plan_stage_does_not_touch_the_model(registry):
     model = tiny_llama()
     before = state_copy(model)
-    composer.plan(model, _two_loras(), registry=registry)
+    ac.plan(model, _two_loras(), registry=registry)
     assert same_state(model, before) and not any(isinstance(m, LinearSite) for m in model.modules())
 
 
@@ -87,7 +87,7 @@ def test_merge_matches_unmerged_and_unmerge_is_exact(registry):
     model = tiny_llama()
     batch = inputs()
     base = state_copy(model)
-    composed = composer.compose(model, _two_loras(), registry=registry)
+    composed = ac.compose(model, _two_loras(), registry=registry)
     randomize(composed)
     out = output(model, batch)
     composed.merge()
@@ -106,7 +106,7 @@ def test_merge_and_unload_returns_a_plain_model(registry):
     g = Graph()
     g.adapter("a", "lora", r=4, targets=["attn.qkv", "mlp.up"])
     g.adapter("b", "lora", r=4, targets=["attn.q", "attn.v"], dora=True)
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed)
     out = output(model, batch)
     plain = composed.merge_and_unload()
@@ -118,15 +118,15 @@ def test_merge_and_unload_returns_a_plain_model(registry):
 
 def test_composing_twice_is_refused(registry):
     model = tiny_llama()
-    composer.compose(model, _two_loras(), registry=registry)
+    ac.compose(model, _two_loras(), registry=registry)
     with pytest.raises(ComposerError, match="already has a composition"):
-        composer.compose(model, _two_loras(), registry=registry)
+        ac.compose(model, _two_loras(), registry=registry)
 
 
 def test_training_changes_only_adapters_and_lowers_the_loss(registry):
     model = tiny_llama()
     base = state_copy(model)
-    composed = composer.compose(model, _two_loras(), registry=registry)
+    composed = ac.compose(model, _two_loras(), registry=registry)
     assert all(
         not p.requires_grad for n, p in model.named_parameters() if ".base." in n or "embed" in n
     )
@@ -150,7 +150,7 @@ def test_training_changes_only_adapters_and_lowers_the_loss(registry):
 
 def test_trainable_parameter_table(registry):
     model = tiny_llama()
-    composed = composer.compose(model, _two_loras(), registry=registry)
+    composed = ac.compose(model, _two_loras(), registry=registry)
     report = composed.trainable_parameters()
     d, kv, ff, L = 64, 32, 96, 2
     sst2 = L * (4 * (d + d) + 4 * (d + kv))
@@ -174,7 +174,7 @@ def test_per_role_rank_and_alpha_overrides(registry):
         rank_pattern={"attn.v": 2},
         alpha_pattern={"q_proj": 3},
     )
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     mods = composed.adapters["a"].modules
     assert (
         mods["layers.0.attn.q"].lora_A.shape == (4, 64) and mods["layers.0.attn.q"].scale == 3 / 4
@@ -191,7 +191,7 @@ def test_gpt2_role_slices_touch_only_their_part(registry):
     before = c_attn(x)
     g = Graph()
     g.adapter("a", "lora", r=4, targets=["attn.v"], layers=[0])
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed)
     after = model.transformer.h[0].attn.c_attn(x)
     assert torch.equal(after[..., :128], before[..., :128])
@@ -209,7 +209,7 @@ def test_sum_weights_scale_each_delta(registry):
     g.adapter("a", "lora", r=2, targets=["attn.q"])
     g.adapter("b", "lora", r=3, targets=["attn.q"])
     g.sum("a", "b", weights=[0.25, -1.5])
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed)
     a, b = (composed.adapters[n].modules["layers.0.attn.q"] for n in "ab")
     delta = lambda m: x @ (m.lora_B @ m.lora_A).T * m.scale  # noqa: E731
@@ -220,13 +220,13 @@ def test_sum_weights_scale_each_delta(registry):
 
 
 def test_param_groups_default_and_loraplus(registry):
-    from plugins.lora import loraplus_param_groups
+    from adapter_composer.plugins.lora import loraplus_param_groups
 
     model = tiny_llama()
     g = Graph()
     g.adapter("plus", "lora", r=4, targets=["attn.q"], loraplus_ratio=8)
     g.adapter("plain", "lora", r=4, targets=["attn.v"])
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     groups = composed.param_groups(lr=1e-3)
     by_lr = {}
     for group in groups:
@@ -246,7 +246,7 @@ def test_dropout_is_active_only_in_training(registry):
     batch = inputs()
     g = Graph()
     g.adapter("a", "lora", r=4, dropout=0.5, targets=["attn.q"])
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed)
     eval_out = output(model, batch)
     assert torch.equal(output(model, batch), eval_out)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-import composer
-from composer import CompositionError, Graph
+import adapter_composer as ac
+from adapter_composer import CompositionError, Graph
 
 
 def _graph() -> Graph:
@@ -110,11 +110,11 @@ def test_forward_references_resolve_at_validation(registry):
     g.stack("a", "b", name="s")
     g.adapter("a", "lora")
     g.adapter("b", "lora")
-    assert composer.validate(g, registry) == []
+    assert ac.validate(g, registry) == []
 
 
 def test_remove_leaves_a_visible_dangling_reference(registry):
     g = _graph()
     g.remove("mrpc")
-    diags = composer.validate(g, registry)
+    diags = ac.validate(g, registry)
     assert [d.code for d in diags] == ["unknown-node"] and "'mrpc'" in diags[0].message

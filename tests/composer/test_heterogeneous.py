@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-import composer
-from composer import Graph
+import adapter_composer as ac
+from adapter_composer import Graph
 from tests.models import inputs, output, randomize, same_state, state_copy, tiny_llama
 
 
@@ -23,7 +23,7 @@ def _graph() -> Graph:
 def test_heterogeneous_stack_trains_saves_loads_and_undoes(registry, tmp_path):
     model = tiny_llama()
     base = state_copy(model)
-    composed = composer.compose(model, _graph(), registry=registry)
+    composed = ac.compose(model, _graph(), registry=registry)
     v = composed.plan.site("model.layers.0.self_attn.v_proj").program.render()
     assert v == "stack(lora:lora, ia3:ia3)"  # ordered: (W x + s B A x) ⊙ l
     before = {n: {k: t.clone() for k, t in h.state_dict().items()} for n, h in composed.adapters.items()}
@@ -48,7 +48,7 @@ def test_heterogeneous_stack_trains_saves_loads_and_undoes(registry, tmp_path):
         "adapter.safetensors", "composition.json", "ia3.safetensors", "lora.safetensors", "prefix.safetensors",
     ]
     fresh = tiny_llama()
-    composer.load(fresh, tmp_path / "all", registry=registry)
+    ac.load(fresh, tmp_path / "all", registry=registry)
     assert torch.equal(output(fresh, inputs()), out)
     composed.undo()
     assert same_state(model, base)
@@ -58,7 +58,7 @@ def test_ia3_and_lora_on_one_site_need_an_order(registry):
     g = Graph()
     g.adapter("scale", "ia3", targets=["attn.k"])
     g.adapter("delta", "lora", targets=["attn.k"])
-    diags = composer.validate(g, registry, tiny_llama())
+    diags = ac.validate(g, registry, tiny_llama())
     assert [d.code for d in diags] == ["no-declared-order"]
     assert "'scale' and 'delta'" in diags[0].message and "g.stack('scale', 'delta')" in diags[0].fix
 
@@ -71,7 +71,7 @@ def test_stack_order_of_scale_and_delta_matters(registry):
         g.adapter("scale", "ia3", targets=["attn.k"])
         g.adapter("delta", "lora", targets=["attn.k"])
         g.stack(*order)
-        composed = composer.compose(model, g, registry=registry)
+        composed = ac.compose(model, g, registry=registry)
         randomize(composed, std=0.3, seed=1)
         outs.append(output(model, inputs()))
     assert not torch.allclose(outs[0], outs[1], atol=1e-4)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-import composer
-from composer import Graph
+import adapter_composer as ac
+from adapter_composer import Graph
 from tests.models import inputs, randomize, tiny_llama
 
 
@@ -15,7 +15,7 @@ def _routed(registry):
     g.adapter("a", "lora", r=4, targets=["attn.q", "attn.v", "mlp.down"])
     g.adapter("b", "lora", r=2, dora=True, targets=["attn.q", "mlp.up"])
     g.route({"ka": "a", "kb": "b"})
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed, std=0.2)
     return model, composed
 

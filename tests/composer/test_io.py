@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import composer
-from composer import AdapterFileError, Graph
+import adapter_composer as ac
+from adapter_composer import AdapterFileError, Graph
 from tests.models import inputs, output, randomize, same_state, state_copy, tiny_gpt2, tiny_llama
 
 
@@ -19,7 +19,7 @@ def _composed(registry, model=None):
     g.adapter("sst2", "lora", r=4, alpha=8, targets=["attn.q", "attn.v"])
     g.adapter("mrpc", "lora", r=2, dora=True, rslora=True, targets=["mlp.down"])
     g.sum("sst2", "mrpc", weights=[0.5, 2.0], learnable=True)
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed)
     return composed
 
@@ -36,7 +36,7 @@ def test_round_trip_is_bit_identical(registry, tmp_path):
         "operators.safetensors",
         "sst2.safetensors",
     ]
-    assert manifest["methods"]["lora"]["plugin"] == "plugins.lora"
+    assert manifest["methods"]["lora"]["plugin"] == "adapter_composer.plugins.lora"
     assert manifest["base_model"]["model_type"] == "llama"
     keys = sorted(load_file(str(path / "sst2.safetensors")))
     assert keys[:2] == [
@@ -44,7 +44,7 @@ def test_round_trip_is_bit_identical(registry, tmp_path):
         "layers.0.attn.q.lora_B",
     ]  # architecture-neutral names
     fresh = tiny_llama()
-    loaded = composer.load(fresh, path, registry=registry)
+    loaded = ac.load(fresh, path, registry=registry)
     assert torch.equal(output(fresh, batch), out)
     for name, handle in composed.adapters.items():
         a, b = handle.state_dict(), loaded.adapters[name].state_dict()
@@ -60,7 +60,7 @@ def test_saving_replaces_a_previous_save_atomically(registry, tmp_path):
     composed.save(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary leftovers
     fresh = tiny_llama()
-    composer.load(fresh, target, registry=registry)
+    ac.load(fresh, target, registry=registry)
     assert torch.equal(output(fresh, inputs()), output(composed.model, inputs()))
 
 
@@ -76,7 +76,7 @@ def test_failed_write_leaves_the_previous_save(registry, tmp_path, monkeypatch):
     composed = _composed(registry)
     target = composed.save(tmp_path / "run")
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    import composer.io as io
+    import adapter_composer.formats.composition as io
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -105,7 +105,7 @@ def test_truncated_safetensors(registry, tmp_path):
         with pytest.raises(
             AdapterFileError, match="sst2.safetensors is not a readable safetensors file"
         ):
-            composer.load(model, path, registry=registry)
+            ac.load(model, path, registry=registry)
 
     _assert_untouched_after(model, attempt)
 
@@ -114,7 +114,7 @@ def test_garbage_header(registry, tmp_path):
     path = _composed(registry).save(tmp_path / "run")
     (path / "mrpc.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(AdapterFileError, match="mrpc.safetensors"):
-        composer.load(tiny_llama(), path, registry=registry)
+        ac.load(tiny_llama(), path, registry=registry)
 
 
 def test_wrong_shape_tensor_is_named(registry, tmp_path):
@@ -126,7 +126,7 @@ def test_wrong_shape_tensor_is_named(registry, tmp_path):
 
     def attempt():
         with pytest.raises(AdapterFileError) as err:
-            composer.load(model, path, registry=registry)
+            ac.load(model, path, registry=registry)
         assert "tensor layers.1.attn.v.lora_B has shape (32, 5), the model needs (32, 4)" in str(
             err.value
         )
@@ -141,7 +141,7 @@ def test_missing_and_unexpected_tensors_are_listed(registry, tmp_path):
     tensors["layers.9.mlp.down.lora_A"] = torch.zeros(1)
     save_file(tensors, str(path / "mrpc.safetensors"))
     with pytest.raises(AdapterFileError) as err:
-        composer.load(tiny_llama(), path, registry=registry)
+        ac.load(tiny_llama(), path, registry=registry)
     assert "missing tensors ['layers.0.mlp.down.magnitude']" in str(err.value)
     assert "unexpected tensors ['layers.9.mlp.down.lora_A']" in str(err.value)
 
@@ -153,7 +153,7 @@ def test_loading_onto_a_different_base_model_says_what_differs(registry, tmp_pat
 
     def attempt():
         with pytest.raises(AdapterFileError) as err:
-            composer.load(bigger, path, registry=registry)
+            ac.load(bigger, path, registry=registry)
         assert "parameter(s) here were not in the saved base" in str(err.value)
         assert "model.layers.2" in str(err.value)
 
@@ -161,14 +161,14 @@ def test_loading_onto_a_different_base_model_says_what_differs(registry, tmp_pat
     with pytest.raises(
         AdapterFileError, match="model type: saved on 'llama', this model is 'gpt2'"
     ):
-        composer.load(gpt2, path, registry=registry)
+        ac.load(gpt2, path, registry=registry)
 
 
 def test_check_base_false_still_checks_tensor_shapes(registry, tmp_path):
     path = _composed(registry).save(tmp_path / "run")
     bigger = tiny_llama(layers=3)  # layer 2 gets adapters the file does not have
     with pytest.raises(AdapterFileError, match="missing tensors"):
-        composer.load(bigger, path, registry=registry, check_base=False)
+        ac.load(bigger, path, registry=registry, check_base=False)
 
 
 @pytest.mark.parametrize(
@@ -190,7 +190,7 @@ def test_bad_manifest(registry, tmp_path, edit, needle):
     path = _composed(registry).save(tmp_path / "run")
     edit(path / "composition.json")
     with pytest.raises(AdapterFileError, match=needle):
-        composer.load(tiny_llama(), path, registry=registry)
+        ac.load(tiny_llama(), path, registry=registry)
 
 
 def test_manifest_with_an_invalid_graph(registry, tmp_path):
@@ -199,14 +199,15 @@ def test_manifest_with_an_invalid_graph(registry, tmp_path):
     manifest["graph"]["nodes"][0]["method"] = 42
     (path / "composition.json").write_text(json.dumps(manifest))
     with pytest.raises(AdapterFileError, match="invalid graph"):
-        composer.load(tiny_llama(), path, registry=registry)
+        ac.load(tiny_llama(), path, registry=registry)
 
 
 def test_no_pickle_anywhere():
+    import importlib
     import pathlib
 
-    root = pathlib.Path(composer.__file__).parents[1]
-    sources = [p for d in ("composer", "plugins", "registry") for p in (root / d).rglob("*.py")]
+    packages = [importlib.import_module(f"adapter_composer.{sub}") for sub in ("plugins", "registry")] + [ac]
+    sources = [p for m in packages for p in pathlib.Path(m.__file__).parent.rglob("*.py")]
     assert sources
     for p in sources:
         text = p.read_text()

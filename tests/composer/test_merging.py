@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import composer
-from composer import ComposerError, Graph
-from composer.merging import dare, ties, trim
+import adapter_composer as ac
+from adapter_composer import ComposerError, Graph
+from adapter_composer.live.merging import dare, ties, trim
 from tests.models import inputs, output, randomize, tiny_llama
 
 
@@ -17,7 +17,7 @@ def _summed(registry, dora: bool = False):
     g.adapter("a", "lora", r=4, alpha=8, rslora=True, targets=["attn.q", "attn.v", "mlp.down"])
     g.adapter("b", "lora", r=2, alpha=4, dora=dora, targets=["attn.q", "attn.v"])
     g.sum("a", "b", weights=[0.7, -0.3], name="s")
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed, std=0.3)
     return model, composed
 

@@ -16,10 +16,10 @@ import copy
 import pytest
 import torch
 
-import composer
-from composer import CompositionError, Graph
-from composer.runtime.linear import LinearSite
-from composer.tables import cell, table_markdown
+import adapter_composer as ac
+from adapter_composer import CompositionError, Graph
+from adapter_composer.runtime.linear import LinearSite
+from adapter_composer.tables import cell, table_markdown
 from tests.models import BUILDERS, inputs, output, randomize
 from tests.plugins.test_conformance import PROFILES, REGISTRY
 
@@ -49,14 +49,14 @@ def _alone(method: str, composed, name: str):
     model = BUILDERS[PROFILES[method].arch](0)
     g = Graph()
     g.adapter(name, method, **PROFILES[method].config)
-    single = composer.compose(model, g, registry=REGISTRY)
+    single = ac.compose(model, g, registry=REGISTRY)
     single.adapters[name].load_tensors(composed.adapters[name].state_dict())
     return model, single
 
 
 def _setup(method: str, operator: str):
     model = BUILDERS[PROFILES[method].arch](0)
-    composed = composer.compose(model, _graph(method, operator), registry=REGISTRY)
+    composed = ac.compose(model, _graph(method, operator), registry=REGISTRY)
     randomize(composed, std=0.2, seed=3)
     return model, composed
 
@@ -175,7 +175,7 @@ def test_every_cell(method, operator):
         model = BUILDERS[PROFILES[method].arch](0)
         state = copy.deepcopy(model.state_dict())
         with pytest.raises(CompositionError) as err:
-            composer.compose(model, _graph(method, operator), registry=REGISTRY)
+            ac.compose(model, _graph(method, operator), registry=REGISTRY)
         assert "unsupported-operator" in err.value.codes
         assert reason in str(err.value) or operator in str(err.value)
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
@@ -196,12 +196,12 @@ def test_every_method_and_operator_has_a_row_and_column():
 def test_readme_table_is_current():
     from pathlib import Path
 
-    from composer.tables import END, START
-    from registry import load_registry
+    from adapter_composer.registry import load_registry
+    from adapter_composer.tables import END, START
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = readme.split(START, 1)[1].split(END, 1)[0].strip()
-    assert block == table_markdown(load_registry(entry_points=False)), "run: python -m composer.tables --write README.md"
+    assert block == table_markdown(load_registry(entry_points=False)), "run: python -m adapter_composer.tables --write README.md"
 
 
 def test_merge_inside_route_or_mix_is_refused():

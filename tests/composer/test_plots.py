@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import torch
 
-import composer
-from composer.plots import gate_summary, plot_gates, plot_graph, plot_ranks, plot_results
+import adapter_composer as ac
+from adapter_composer.workflow.plots import (
+    gate_summary,
+    plot_gates,
+    plot_graph,
+    plot_ranks,
+    plot_results,
+)
 from tests.models import inputs, tiny_llama
 
 
@@ -16,11 +22,11 @@ def _png(path):
 
 def test_graph_gates_ranks_and_results(registry, tmp_path):
     model = tiny_llama()
-    g = composer.Graph()
+    g = ac.Graph()
     for name in ("e0", "e1", "e2"):
         g.adapter(name, "lora", r=2, targets=["attn.q", "mlp.down"])
     g.mix("e0", "e1", "e2", name="experts")
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     for site in composed.sites().values():
         torch.nn.init.normal_(site.program.router.weight, std=0.5)
     with composed.record_gates() as gates, torch.no_grad():

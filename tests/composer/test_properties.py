@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import composer
-from composer import CompositionError, Graph
+import adapter_composer as ac
+from adapter_composer import CompositionError, Graph
 from tests.models import inputs, same_state, state_copy, tiny_gpt2, tiny_llama
 from tests.plugins.test_conformance import PROFILES, REGISTRY
 
@@ -72,7 +72,7 @@ def test_compose_runs_or_refuses_cleanly(specs, arch):
     except CompositionError:
         return  # refused while declaring (e.g. a duplicate name)
     try:
-        composed = composer.compose(model, g, registry=REGISTRY)
+        composed = ac.compose(model, g, registry=REGISTRY)
     except CompositionError as err:
         assert err.diagnostics and all(d.code and d.message for d in err.diagnostics)
         assert same_state(model, before) and dict(model.named_modules()) == modules

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import composer
-import plugins.route as route_plugin
-from composer import ComposerError, Graph, RoutingError
+import adapter_composer as ac
+import adapter_composer.plugins.route as route_plugin
+from adapter_composer import ComposerError, Graph, RoutingError
 from tests.models import inputs, output, randomize, tiny_llama
 
 
@@ -17,7 +17,7 @@ def _routed(registry, n: int = 3, dora_last: bool = False, **route_options):
     for i in range(n):
         g.adapter(f"t{i}", "lora", r=2 + i, alpha=4, targets=["attn.q", "attn.v", "mlp.down"], dora=dora_last and i == n - 1)
     g.route({f"k{i}": f"t{i}" for i in range(n)}, name="tasks", **route_options)
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed, std=0.3)
     return model, composed
 
@@ -27,7 +27,7 @@ def _alone(composed, name, registry):
     spec = composed.graph.spec(name)
     g = Graph()
     g.adapter(name, spec.method, targets=list(spec.targets), **spec.config)
-    single = composer.compose(model, g, registry=registry)
+    single = ac.compose(model, g, registry=registry)
     single.adapters[name].load_tensors(composed.adapters[name].state_dict())
     return model
 
@@ -64,7 +64,7 @@ def test_bad_routing_is_refused(registry):
     plain = tiny_llama()
     g = Graph()
     g.adapter("a", "lora", targets=["attn.q"])
-    composer.compose(plain, g, registry=registry)
+    ac.compose(plain, g, registry=registry)
     with pytest.raises(RoutingError, match="no route node"):
         plain(**batch, route=["x", "y"])
 
@@ -131,7 +131,7 @@ def _mixed(registry, **options):
     for i in range(3):
         g.adapter(f"e{i}", "lora", r=2, alpha=4, targets=["attn.q", "mlp.down"])
     g.mix("e0", "e1", "e2", name="experts", **options)
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed, std=0.3)
     return model, composed
 
@@ -242,7 +242,7 @@ def test_hot_swap_refusals(registry):
         composed.add_adapter("x", "lora", route="t0", key="k9", targets=["attn.q"])
     with pytest.raises(ComposerError, match="where route 'tasks' does not act"):
         composed.add_adapter("x", "lora", route="tasks", key="k9", targets=["attn.o"])
-    with pytest.raises(composer.CompositionError, match="unknown-role"):
+    with pytest.raises(ac.CompositionError, match="unknown-role"):
         composed.add_adapter("x", "lora", route="tasks", key="k9", targets=["attn.oops"])
     with pytest.raises(ComposerError, match="do not fit"):
         composed.replace_weights("t0", {"layers.0.attn.q.lora_A": torch.zeros(1)})
@@ -259,7 +259,7 @@ def test_route_over_stacks_equals_each_stack_alone(registry):
     g.adapter("x", "lora", r=3, targets=["attn.v", "mlp.down"])
     g.adapter("y", "lora", r=2, dora=True, targets=["attn.q"])
     g.route({"kx": g.stack("shared", "x"), "ky": g.stack("shared", "y")}, name="r")
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed, std=0.3)
     batch = inputs(batch=3)
     with torch.no_grad():
@@ -271,7 +271,7 @@ def test_route_over_stacks_equals_each_stack_alone(registry):
             for name in members:
                 spec = g.spec(name)
                 g2.adapter(name, "lora", targets=list(spec.targets), **spec.config)
-            alone = composer.compose(reference, g2, registry=registry)
+            alone = ac.compose(reference, g2, registry=registry)
             for name in members:
                 alone.adapters[name].load_tensors(composed.adapters[name].state_dict())
         torch.testing.assert_close(routed[row : row + 1], output(reference, {k: v[row : row + 1] for k, v in batch.items()}), rtol=0, atol=2e-5)
@@ -283,7 +283,7 @@ def test_mix_inside_a_stack(registry):
     for name in ("e0", "e1", "c"):
         g.adapter(name, "lora", r=2, targets=["attn.q"])
     g.stack(g.mix("e0", "e1", top_k=1, name="m"), "c")
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed, std=0.3)
     for node in _mix_nodes(composed):
         with torch.no_grad():
@@ -292,7 +292,7 @@ def test_mix_inside_a_stack(registry):
     g2 = Graph()
     for name in ("e1", "c"):
         g2.adapter(name, "lora", r=2, targets=["attn.q"])
-    alone = composer.compose(reference, g2, registry=registry)
+    alone = ac.compose(reference, g2, registry=registry)
     for name in ("e1", "c"):
         alone.adapters[name].load_tensors(composed.adapters[name].state_dict())
     batch = inputs()
@@ -306,7 +306,7 @@ def test_forbidden_nesting_prints_the_allowed_table(registry):
     inner = g.route({"x": "a"}, name="inner")
     g.route({"y": inner, "z": "b"}, name="outer")
     g.mix(g.route({"w": "a"}, name="r2"), "b", name="m")
-    diags = composer.validate(g, registry, tiny_llama())
+    diags = ac.validate(g, registry, tiny_llama())
     nesting = [d for d in diags if d.code == "forbidden-nesting"]
     assert len(nesting) == 2
     assert "nested routes would need two keys per row" in nesting[0].message + nesting[1].message
@@ -342,7 +342,7 @@ def test_batched_kernel_for_other_low_rank_methods(registry, monkeypatch, method
     for name in ("a", "b"):
         g.adapter(name, method, targets=["attn.q", "attn.v"], **config)
     g.route({"ka": "a", "kb": "b"})
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed, std=0.3)
     batch = inputs(batch=3)
     with torch.no_grad():

@@ -6,8 +6,8 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-import composer
-from composer import Graph
+import adapter_composer as ac
+from adapter_composer import Graph
 from tests.models import inputs, same_state, state_copy, tiny_llama
 
 
@@ -31,7 +31,7 @@ def test_trainer_trains_only_the_adapters(registry, tmp_path):
     base = state_copy(model)
     g = Graph()
     g.adapter("a", "lora", r=4, alpha=8, targets=["attn.q", "attn.v", "mlp.down"])
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     before = {k: v.clone() for k, v in composed.adapters["a"].state_dict().items()}
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset())
     trainer.train()
@@ -49,7 +49,7 @@ def test_trainer_with_routing_keys_in_the_batch(registry, tmp_path):
     g.adapter("even", "lora", r=4, targets=["attn.q", "attn.v"])
     g.adapter("odd", "lora", r=4, targets=["attn.q", "attn.v"])
     g.route({"even": "even", "odd": "odd"})
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
 
     def collate(rows):
         batch = {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "labels")}

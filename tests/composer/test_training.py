@@ -8,12 +8,12 @@ import pytest
 import torch
 from datasets import Dataset
 
-import composer
-from composer import Graph
-from composer.heads import TaskHeads
-from composer.mixture import MixtureSampler, mixture_weights
-from composer.tasks import Task, TaskDataError, TaskSpec, metric_value
-from composer.training import TrainConfig, latest_checkpoint, train
+import adapter_composer as ac
+from adapter_composer import Graph
+from adapter_composer.workflow.heads import TaskHeads
+from adapter_composer.workflow.mixture import MixtureSampler, mixture_weights
+from adapter_composer.workflow.tasks import Task, TaskDataError, TaskSpec, metric_value
+from adapter_composer.workflow.training import TrainConfig, latest_checkpoint, train
 from tests.models import tiny_bert, tiny_tokenizer
 
 WORDS = ["good", "bad", "movie", "film", "plot", "the", "a", "very", "not", "same", "other"]
@@ -60,7 +60,7 @@ def _setup(registry, route=True):
         g.adapter(name, "lora", r=4, alpha=8, targets=["attn.q", "attn.v", "mlp.up"])
     if route:
         g.route({n: n for n in ("sent", "pair", "score")}, name="tasks")
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     tasks = _tasks()
     heads = TaskHeads({k: t.spec for k, t in tasks.items()}, hidden=64, dropout=0.0)
     return composed, heads, tasks, tiny_tokenizer(WORDS)
@@ -202,17 +202,17 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(registry, tmp_path):
 def test_checkpoint_loads_as_a_composition(registry, tmp_path):
     composed, heads, tasks, tok = _setup(registry)
     train(composed, heads, tasks, tok, TrainConfig(steps=3, batch_size=4, progress=False), out_dir=tmp_path)
-    loaded = composer.load(tiny_bert(), latest_checkpoint(tmp_path) / "composition", registry=registry)
+    loaded = ac.load(tiny_bert(), latest_checkpoint(tmp_path) / "composition", registry=registry)
     assert sorted(loaded.adapters) == ["pair", "score", "sent"]
 
 
 def test_adalora_controller_plugs_into_the_training_loop(registry):
-    from plugins.adalora import AdaLoraController
+    from adapter_composer.plugins.adalora import AdaLoraController
 
     model = tiny_bert()
     g = Graph()
     g.adapter("sent", "adalora", init_r=4, target_r=2, tinit=2, tfinal=2, deltaT=1, total_step=10, targets=["attn.q", "attn.v"])
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     tasks = {"sent": _tasks()["sent"]}
     heads = TaskHeads({"sent": tasks["sent"].spec}, hidden=64, dropout=0.0)
     controller = AdaLoraController(composed, adapter="sent")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-import composer
-from composer import CompositionError, Graph
+import adapter_composer as ac
+from adapter_composer import CompositionError, Graph
 from tests.models import inputs, output, same_state, state_copy, tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -15,7 +15,7 @@ def _refused(model, g, registry) -> CompositionError:
     before = state_copy(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(CompositionError) as err:
-        composer.compose(model, g, registry=registry)
+        ac.compose(model, g, registry=registry)
     assert same_state(model, before)
     assert dict(model.named_modules()) == modules
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
@@ -115,7 +115,7 @@ def test_self_reference_is_a_cycle(registry):
     g = Graph()
     g.adapter("a", "lora")
     g.stack("a", "loop", name="loop")
-    assert [d.code for d in composer.validate(g, registry)] == ["cycle"]
+    assert [d.code for d in ac.validate(g, registry)] == ["cycle"]
 
 
 def test_unknown_operator_and_bad_options(registry):
@@ -125,7 +125,7 @@ def test_unknown_operator_and_bad_options(registry):
     g.op("blend", "a", "b", name="x")
     g.sum("a", "b", weights=[1.0], name="y")
     g.sum("a", "b", name="z", mode="fancy")
-    codes = sorted(d.code for d in composer.validate(g, registry, tiny_llama()))
+    codes = sorted(d.code for d in ac.validate(g, registry, tiny_llama()))
     assert codes == ["bad-options", "bad-options", "unknown-operator"]
 
 
@@ -149,7 +149,7 @@ def test_non_commuting_siblings_need_a_declared_order(registry):
     g = Graph()
     g.adapter("a", "lora", targets=["attn.q", "attn.v"])
     g.adapter("b", "lora", targets=["attn.v"])
-    assert composer.validate(g, registry, tiny_llama()) == []
+    assert ac.validate(g, registry, tiny_llama()) == []
 
 
 def test_model_is_untouched_after_refusal_and_usable(registry):
@@ -162,16 +162,16 @@ def test_model_is_untouched_after_refusal_and_usable(registry):
     _refused(model, g, registry)
     assert (output(model, batch) - before).abs().max() == 0
     g.remove("bad")
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     assert len(composed.plan.sites) == 2
 
 
 def test_validate_without_a_model_checks_the_graph_only(registry):
     g = Graph()
     g.adapter("a", "lora", targets=["attn.whatever"])
-    assert composer.validate(g, registry) == []
+    assert ac.validate(g, registry) == []
     g.adapter("b", "lora", alpha=-1)
-    assert [d.code for d in composer.validate(g, registry)] == ["bad-config"]
+    assert [d.code for d in ac.validate(g, registry)] == ["bad-config"]
 
 
 def test_sublayer_method_on_a_single_layer_role(registry):

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from composer.training import TrainConfig, train  # noqa: E402
-from registry import load_registry  # noqa: E402
+from adapter_composer.registry import load_registry  # noqa: E402
+from adapter_composer.workflow.training import TrainConfig, train  # noqa: E402
 from tests.composer.test_training import _setup  # noqa: E402
 
 

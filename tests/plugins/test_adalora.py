@@ -10,10 +10,10 @@ import pytest
 import torch
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 
-import composer
-from composer import CompositionError, Graph
-from composer.sites import linear_weight
-from plugins.adalora import AdaLoraController, budget_at
+import adapter_composer as ac
+from adapter_composer import CompositionError, Graph
+from adapter_composer.plugins.adalora import AdaLoraController, budget_at
+from adapter_composer.sites import linear_weight
 from tests.models import BUILDERS, inputs, output, randomize
 
 TOL = 1e-5
@@ -28,7 +28,7 @@ def _compose(arch: str, registry, **config):
     model = BUILDERS[arch]()
     g = Graph()
     g.adapter("a", "adalora", **{"total_step": 10, **config})
-    return model, composer.compose(model, g, registry=registry)
+    return model, ac.compose(model, g, registry=registry)
 
 
 # --- the formula, written out ---------------------------------------------------------
@@ -128,7 +128,7 @@ def test_peft_parity_both_directions(arch, registry, tmp_path):
     peft_model.save_pretrained(tmp_path / "peft")
 
     model = BUILDERS[arch]()
-    composed = composer.from_peft(model, tmp_path / "peft", name="task", registry=registry)
+    composed = ac.from_peft(model, tmp_path / "peft", name="task", registry=registry)
     config = composed.adapters["task"].config
     assert (config.init_r, config.target_r, config.alpha, config.total_step) == (4, 2, 6.0, 10)
     diff = (output(model, batch) - reference).abs().max().item()
@@ -165,7 +165,7 @@ def test_peft_rank_pattern_is_applied_on_import_and_kept_on_export(registry, tmp
     peft_model.save_pretrained(tmp_path / "peft")
 
     model = BUILDERS["llama"]()
-    composed = composer.from_peft(model, tmp_path / "peft", registry=registry)
+    composed = ac.from_peft(model, tmp_path / "peft", registry=registry)
     modules = composed.adapters["default"].modules
     for key, mask in masks.items():
         module = modules["module." + key.removesuffix(".lora_E")]
@@ -193,14 +193,14 @@ def test_peft_import_refusals_say_what(registry, tmp_path):
 
     path.write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
     with pytest.raises(
-        composer.AdapterFileError, match="unsupported PEFT AdaLoRA options: modules_to_save"
+        ac.AdapterFileError, match="unsupported PEFT AdaLoRA options: modules_to_save"
     ):
-        composer.from_peft(model, tmp_path / "p", registry=registry)
+        ac.from_peft(model, tmp_path / "p", registry=registry)
 
     bad = {"model.layers.0.self_attn.q_proj.lora_E": [True, False]}  # init_r is 4
     path.write_text(json.dumps({**config, "rank_pattern": bad}))
     with pytest.raises(CompositionError, match="rank_pattern masks must have init_r") as err:
-        composer.from_peft(model, tmp_path / "p", registry=registry)
+        ac.from_peft(model, tmp_path / "p", registry=registry)
     assert "bad-config" in err.value.codes
 
 
@@ -224,7 +224,7 @@ def test_regularization_is_pefts_and_the_formula(registry, tmp_path):
     peft_model = _peft_model("llama", ["q_proj", "v_proj"], orth_reg_weight=0.3)
     peft_model.save_pretrained(tmp_path / "peft")
     model = BUILDERS["llama"]()
-    composed = composer.from_peft(model, tmp_path / "peft", registry=registry)
+    composed = ac.from_peft(model, tmp_path / "peft", registry=registry)
     controller = AdaLoraController(composed, "default")
     norms = []
     for m in composed.adapters["default"].modules.values():
@@ -249,7 +249,7 @@ def test_allocation_matches_peft_step_by_step(registry, tmp_path):
     )
     peft_model.save_pretrained(tmp_path / "peft")
     model = BUILDERS["llama"]()
-    composed = composer.from_peft(model, tmp_path / "peft", registry=registry)
+    composed = ac.from_peft(model, tmp_path / "peft", registry=registry)
     controller = AdaLoraController(composed, "default")
     theirs = _peft_factors(peft_model)
     ours = {
@@ -410,7 +410,7 @@ def test_bad_config_is_a_clear_composition_error(config, words, registry):
     g = Graph()
     g.adapter("a", "adalora", targets=["attn.q"], **{"total_step": 10, **config})
     with pytest.raises(CompositionError) as err:
-        composer.compose(model, g, registry=registry)
+        ac.compose(model, g, registry=registry)
     assert err.value.codes == ["bad-config"]
     message = str(err.value)
     assert all(w in message for w in words), message
@@ -428,6 +428,6 @@ def test_controller_misuse_is_explained(registry):
     composed.undo()
     g = Graph()
     g.adapter("l", "lora", targets=["attn.q"])
-    lora = composer.compose(BUILDERS["llama"](), g, registry=registry)
+    lora = ac.compose(BUILDERS["llama"](), g, registry=registry)
     with pytest.raises(ValueError, match="uses method 'lora'"):
         AdaLoraController(lora, "l")

@@ -20,10 +20,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import composer
-from composer import ComposerError, CompositionError, Graph
-from plugins.bottleneck import BottleneckAdapter, BottleneckConfig
-from registry import load_registry
+import adapter_composer as ac
+from adapter_composer import ComposerError, CompositionError, Graph
+from adapter_composer.plugins.bottleneck import BottleneckAdapter, BottleneckConfig
+from adapter_composer.registry import load_registry
 from tests.models import BUILDERS, inputs, output, randomize, same_state, state_copy
 
 REGISTRY = load_registry(entry_points=False)
@@ -169,7 +169,7 @@ def test_dropout_acts_on_the_bottleneck_activations_in_training_only():
 def test_each_sublayer_matches_the_formula(arch, style, targets, act, adapted):
     model = BUILDERS[arch](0)
     originals = _originals(model, arch)
-    composed = composer.compose(model, _graph(style, targets, non_linearity=act), registry=REGISTRY)
+    composed = ac.compose(model, _graph(style, targets, non_linearity=act), registry=REGISTRY)
     randomize(composed, std=0.2)
     modules = composed.adapters["a"].modules
     assert set(modules) == {f"layers.{i}.{r}" for r in adapted for i in range(LAYERS)}
@@ -200,7 +200,7 @@ def test_kinds_and_default_scaling_follow_the_style():
         for scaling in (None, 2.5):
             model = BUILDERS["gpt2"](0)
             targets = ["attn", "mlp"] if style == "houlsby" else None
-            composed = composer.compose(
+            composed = ac.compose(
                 model, _graph(style, targets, scaling=scaling), registry=REGISTRY
             )
             leaves = [leaf for sp in composed.plan.sites for leaf in sp.program.leaves()]
@@ -215,7 +215,7 @@ def test_reduction_factor_sets_the_width_and_the_parameter_count(factor):
     model = BUILDERS["llama"](0)
     g = Graph()
     g.adapter("a", "bottleneck", reduction_factor=factor)
-    composed = composer.compose(model, g, registry=REGISTRY)
+    composed = ac.compose(model, g, registry=REGISTRY)
     d, m = WIDTH, int(WIDTH // factor)
     for module in composed.adapters["a"].modules.values():
         assert module.down.weight.shape == (m, d)
@@ -270,7 +270,7 @@ def test_whole_model_matches_adapters_inserted_by_hand(arch, style):
     batch = inputs()
     assert torch.equal(output(model, batch), output(reference, batch))
     g = _graph(style, ["attn", "mlp"], non_linearity="gelu")
-    composed = composer.compose(model, g, registry=REGISTRY)
+    composed = ac.compose(model, g, registry=REGISTRY)
     randomize(composed, std=0.2)
     _insert_by_hand(reference, arch, composed, style, "gelu")
     got, want = output(model, batch), output(reference, batch)
@@ -288,14 +288,14 @@ def test_identity_at_init(arch, style):
     batch = inputs()
     before = output(model, batch)
     targets = ["attn", "mlp"] if style == "houlsby" else None
-    composer.compose(model, _graph(style, targets, init="kaiming"), registry=REGISTRY)
+    ac.compose(model, _graph(style, targets, init="kaiming"), registry=REGISTRY)
     assert torch.equal(output(model, batch), before)
 
 
 def test_parallel_adapter_trains_and_only_its_parameters_change():
     model = BUILDERS["llama_scaled"](0)
     base = state_copy(model)
-    composed = composer.compose(model, _graph("parallel", ["attn", "mlp"]), registry=REGISTRY)
+    composed = ac.compose(model, _graph("parallel", ["attn", "mlp"]), registry=REGISTRY)
     start = {k: v.clone() for k, v in composed.adapters["a"].state_dict().items()}
     opt = torch.optim.AdamW(composed.param_groups(lr=1e-2))
     composed.train()
@@ -317,7 +317,7 @@ def test_parallel_adapter_trains_and_only_its_parameters_change():
 @pytest.mark.parametrize("style", ["pfeiffer", "parallel"])
 def test_merge_is_refused_and_partial_merge_leaves_the_adapter_active(style):
     model = BUILDERS["gpt2"](0)
-    composed = composer.compose(model, _graph(style), registry=REGISTRY)
+    composed = ac.compose(model, _graph(style), registry=REGISTRY)
     randomize(composed)
     batch = inputs()
     out = output(model, batch)
@@ -338,13 +338,13 @@ def test_save_load_parallel_is_bit_identical(arch, tmp_path):
         scaling=2.0,
         non_linearity="swish",
     )
-    composed = composer.compose(BUILDERS[arch](0), g, registry=REGISTRY)
+    composed = ac.compose(BUILDERS[arch](0), g, registry=REGISTRY)
     randomize(composed)
     batch = inputs()
     out = output(composed.model, batch)
     composed.save(tmp_path / "c")
     fresh = BUILDERS[arch](0)
-    loaded = composer.load(fresh, tmp_path / "c", registry=REGISTRY)
+    loaded = ac.load(fresh, tmp_path / "c", registry=REGISTRY)
     assert torch.equal(output(fresh, batch), out)
     assert loaded.adapters["a"].config == composed.adapters["a"].config
     saved, now = composed.adapters["a"].state_dict(), loaded.adapters["a"].state_dict()
@@ -369,7 +369,7 @@ def test_stack_chains_the_adapters(arch, second):
     originals = _originals(model, arch)
     g = _two({"bottleneck": 8}, {"style": second, "bottleneck": 4, "non_linearity": "tanh"})
     g.stack("a", "b")
-    composed = composer.compose(model, g, registry=REGISTRY)
+    composed = ac.compose(model, g, registry=REGISTRY)
     randomize(composed, std=0.2, seed=3)
     a, b = composed.adapters["a"].modules, composed.adapters["b"].modules
     for (role, i), seen in _capture(model, originals, inputs()).items():
@@ -390,7 +390,7 @@ def test_weighted_sum_adds_the_weighted_residuals(arch):
     originals = _originals(model, arch)
     g = _two({"bottleneck": 8}, {"bottleneck": 16, "non_linearity": "gelu"})
     g.sum("a", "b", weights=[0.7, -0.3])
-    composed = composer.compose(model, g, registry=REGISTRY)
+    composed = ac.compose(model, g, registry=REGISTRY)
     randomize(composed, std=0.2, seed=4)
     a, b = composed.adapters["a"].modules, composed.adapters["b"].modules
     for (role, i), seen in _capture(model, originals, inputs()).items():
@@ -407,7 +407,7 @@ def test_weighted_sum_adds_the_weighted_residuals(arch):
 def test_two_parallel_adapters_commute_and_two_sequential_ones_need_an_order():
     model = BUILDERS["llama"](0)
     originals = _originals(model, "llama")
-    composed = composer.compose(
+    composed = ac.compose(
         model,
         _two({"style": "parallel", "bottleneck": 8}, {"style": "parallel", "bottleneck": 4}),
         registry=REGISTRY,
@@ -423,7 +423,7 @@ def test_two_parallel_adapters_commute_and_two_sequential_ones_need_an_order():
         )
     torch.testing.assert_close(seen["y"], expected, rtol=0, atol=ATOL)
     with pytest.raises(CompositionError) as err:
-        composer.compose(
+        ac.compose(
             BUILDERS["llama"](0), _two({"bottleneck": 8}, {"bottleneck": 4}), registry=REGISTRY
         )
     assert set(err.value.codes) == {"no-declared-order"}
@@ -434,7 +434,7 @@ def test_route_over_parallel_adapters_on_bert_equals_each_adapter_alone():
     g = _two({"style": "parallel", "bottleneck": 8}, {"style": "parallel", "bottleneck": 4})
     g.route({"ka": "a", "kb": "b"})
     model = BUILDERS["bert"](0)
-    composed = composer.compose(model, g, registry=REGISTRY)
+    composed = ac.compose(model, g, registry=REGISTRY)
     randomize(composed, std=0.2, seed=5)
     batch = inputs(batch=3)
     with composed.routing(["ka", "kb", None]):
@@ -444,7 +444,7 @@ def test_route_over_parallel_adapters_on_bert_equals_each_adapter_alone():
         alone = BUILDERS["bert"](0)
         if name is not None:
             g = _graph("parallel", name=name, bottleneck=size)
-            single = composer.compose(alone, g, registry=REGISTRY)
+            single = ac.compose(alone, g, registry=REGISTRY)
             single.adapters[name].load_tensors(composed.adapters[name].state_dict())
         one = {k: v[row : row + 1] for k, v in batch.items()}
         torch.testing.assert_close(routed[row : row + 1], output(alone, one), rtol=0, atol=ATOL)
@@ -457,7 +457,7 @@ def _refused(g: Graph, arch: str = "llama") -> CompositionError:
     model = BUILDERS[arch](0)
     before, modules = state_copy(model), dict(model.named_modules())
     with pytest.raises(CompositionError) as err:
-        composer.compose(model, g, registry=REGISTRY)
+        ac.compose(model, g, registry=REGISTRY)
     assert same_state(model, before) and dict(model.named_modules()) == modules
     return err.value
 
@@ -471,7 +471,7 @@ def test_bottleneck_wider_than_the_model_is_refused(size):
     d = err.diagnostics[0]
     assert d.nodes == ("wide",) and "'wide'" in d.message and f"width {WIDTH}" in d.message
     assert set(d.sites) == {f"layers.{i}.{r}" for r in ("attn", "mlp") for i in range(LAYERS)}
-    assert f"bottleneck ≤ {WIDTH}" in d.fix and d.plugin == "plugins.bottleneck"
+    assert f"bottleneck ≤ {WIDTH}" in d.fix and d.plugin == "adapter_composer.plugins.bottleneck"
 
 
 def test_reduction_factor_above_the_width_is_refused():
@@ -507,7 +507,7 @@ def test_every_problem_is_reported_at_once():
     g.adapter("wide", "bottleneck", targets=["attn", "mlp"], layers=[1], bottleneck=WIDTH * 2)
     g.adapter("both", "bottleneck", bottleneck=8, reduction_factor=8)
     g.adapter("h", "bottleneck", style="houlsby", layers=[0], bottleneck=8)
-    assert sorted(d.code for d in composer.validate(g, REGISTRY, BUILDERS["gpt2"](0))) == [
+    assert sorted(d.code for d in ac.validate(g, REGISTRY, BUILDERS["gpt2"](0))) == [
         "bad-config",
         "bottleneck-too-wide",
         "houlsby-needs-targets",
@@ -520,6 +520,6 @@ def test_every_problem_is_reported_at_once():
 
 def test_a_second_compose_on_a_sublayer_only_composition_is_refused():
     model = BUILDERS["llama"](0)
-    composer.compose(model, _graph("pfeiffer"), registry=REGISTRY)
+    ac.compose(model, _graph("pfeiffer"), registry=REGISTRY)
     with pytest.raises(ComposerError):
-        composer.compose(model, _graph("pfeiffer", name="b"), registry=REGISTRY)
+        ac.compose(model, _graph("pfeiffer", name="b"), registry=REGISTRY)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import composer
-from registry import load_registry
+import adapter_composer as ac
+from adapter_composer.registry import load_registry
 from tests.models import BUILDERS, inputs, output, randomize, same_state, state_copy
 from tests.profiles import load_profiles
 
@@ -45,7 +45,7 @@ def test_every_registered_method_has_a_profile():
 def _setup(method: str, seed: int = 0):
     profile = PROFILES[method]
     model = BUILDERS[profile.arch](seed)
-    g = composer.Graph()
+    g = ac.Graph()
     g.adapter("a", method, **profile.config)
     return profile, model, g
 
@@ -55,7 +55,7 @@ def test_identity_at_init(method):
     profile, model, g = _setup(method)
     batch = inputs()
     before = output(model, batch)
-    composed = composer.compose(model, g, registry=REGISTRY)
+    composed = ac.compose(model, g, registry=REGISTRY)
     after = output(model, batch)
     if REGISTRY.method(method).capabilities.identity_at_init:
         torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
@@ -70,7 +70,7 @@ def test_identity_at_init(method):
 def test_parameter_count_matches_formula(method):
     profile, model, g = _setup(method)
     expected = profile.expected_params(model)
-    composed = composer.compose(model, g, registry=REGISTRY)
+    composed = ac.compose(model, g, registry=REGISTRY)
     report = composed.trainable_parameters()
     assert report.per_adapter["a"] == expected, (
         f"{method}: {report.per_adapter['a']} != {profile.formula} = {expected}"
@@ -82,7 +82,7 @@ def test_parameter_count_matches_formula(method):
 def test_only_adapter_parameters_train(method):
     profile, model, g = _setup(method)
     base = state_copy(model)
-    composed = composer.compose(model, g, registry=REGISTRY)
+    composed = ac.compose(model, g, registry=REGISTRY)
     randomize(composed, std=0.05)
     adapter_before = {k: v.clone() for k, v in composed.adapters["a"].state_dict().items()}
     opt = torch.optim.SGD(composed.parameters(), lr=profile.lr)
@@ -108,13 +108,13 @@ def test_only_adapter_parameters_train(method):
 def test_save_load_bit_identical(method, tmp_path):
     profile, model, g = _setup(method)
     batch = inputs()
-    composed = composer.compose(model, g, registry=REGISTRY)
+    composed = ac.compose(model, g, registry=REGISTRY)
     randomize(composed)
     out = output(model, batch)
     composed.save(tmp_path / "c")
     composed.undo()
     fresh = BUILDERS[profile.arch](0)
-    loaded = composer.load(fresh, tmp_path / "c", registry=REGISTRY)
+    loaded = ac.load(fresh, tmp_path / "c", registry=REGISTRY)
     assert torch.equal(output(fresh, batch), out)
     saved, now = composed.adapters["a"].state_dict(), loaded.adapters["a"].state_dict()
     assert saved.keys() == now.keys() and all(torch.equal(saved[k], now[k]) for k in saved)
@@ -126,7 +126,7 @@ def test_undo_restores_modules_exactly(method):
     base = state_copy(model)
     modules = dict(model.named_modules())
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    composed = composer.compose(model, g, registry=REGISTRY)
+    composed = ac.compose(model, g, registry=REGISTRY)
     randomize(composed)
     composed.undo()
     assert same_state(model, base)
@@ -140,11 +140,11 @@ def test_merge_matches_unmerged_or_refuses(method):
     profile, model, g = _setup(method)
     batch = inputs()
     base = state_copy(model)
-    composed = composer.compose(model, g, registry=REGISTRY)
+    composed = ac.compose(model, g, registry=REGISTRY)
     randomize(composed)
     out = output(model, batch)
     if not REGISTRY.method(method).capabilities.mergeable:
-        with pytest.raises(composer.CompositionError) as err:
+        with pytest.raises(ac.CompositionError) as err:
             composed.merge()
         assert "merge-not-exact" in err.value.codes
         return
@@ -159,7 +159,7 @@ def test_merge_matches_unmerged_or_refuses(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_training_lowers_the_loss(method):
     profile, model, g = _setup(method)
-    composed = composer.compose(model, g, registry=REGISTRY)
+    composed = ac.compose(model, g, registry=REGISTRY)
     torch.manual_seed(0)
     opt = torch.optim.AdamW(composed.param_groups(lr=profile.lr))
     composed.train()

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-import composer
-import plugins.galore as galore
-from composer import CompositionError, Graph
-from composer.sites import linear_weight
-from plugins.galore import GaLoreAdamW, galore_param_groups
+import adapter_composer as ac
+import adapter_composer.plugins.galore as galore
+from adapter_composer import CompositionError, Graph
+from adapter_composer.plugins.galore import GaLoreAdamW, galore_param_groups
+from adapter_composer.sites import linear_weight
 from tests.models import BUILDERS, inputs, output, randomize, same_state, state_copy
 
 TOL = 1e-12  # float64 parity with the reference
@@ -209,7 +209,7 @@ def test_optimizer_rejects_bad_options(options):
 def _compose(model, registry, **config):
     g = Graph()
     g.adapter("a", "galore", **config)
-    return composer.compose(model, g, registry=registry)
+    return ac.compose(model, g, registry=registry)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
@@ -310,7 +310,7 @@ def test_training_with_galore_adamw_merge_save_load(registry, tmp_path):
     composed.undo()
     assert same_state(model, base)  # the base never trained
     fresh = BUILDERS["llama"]()
-    loaded = composer.load(fresh, tmp_path / "c", registry=registry)
+    loaded = ac.load(fresh, tmp_path / "c", registry=registry)
     assert torch.equal(output(fresh, batch), out)
     saved, now = composed.adapters["a"].state_dict(), loaded.adapters["a"].state_dict()
     assert saved.keys() == now.keys() and all(torch.equal(saved[k], now[k]) for k in saved)

@@ -15,8 +15,8 @@ import torch
 from peft import IA3Config, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-import composer
-from composer import AdapterFileError, CompositionError, Graph
+import adapter_composer as ac
+from adapter_composer import AdapterFileError, CompositionError, Graph
 from tests.models import BUILDERS, inputs, output, randomize, role_paths
 
 TOL = 1e-5
@@ -47,7 +47,7 @@ def _composed(arch: str, registry, **config):
     model = BUILDERS[arch]()
     g = Graph()
     g.adapter("a", "ia3", **config)
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed, std=0.3)
     return model, composed
 
@@ -125,7 +125,7 @@ def test_feedforward_patterns_choose_the_side(registry):
         targets=["attn.k", "mlp.up", "mlp.down"],
         feedforward=["up_proj", r"re:model\.layers\.1\.mlp\.down_proj"],
     )
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     kinds = {k: m.kind for k, m in composed.adapters["a"].modules.items()}
     assert kinds == {
         "layers.0.attn.k": "linear.scale_out",
@@ -159,7 +159,7 @@ def test_stack_with_lora_in_both_orders(arch, registry):
         g.adapter("s", "ia3", targets=["attn.k"], layers=[0])
         g.adapter("lo", "lora", r=2, alpha=4, targets=["attn.k"], layers=[0])
         g.stack(*order)
-        composed = composer.compose(model, g, registry=registry)
+        composed = ac.compose(model, g, registry=registry)
         randomize(composed, std=0.3)
         scale = _vector(composed, "s", "layers.0.attn.k")
         lora = composed.adapters["lo"].modules["layers.0.attn.k"]
@@ -182,7 +182,7 @@ def test_ia3_and_lora_at_one_site_need_an_order(registry):
     g.adapter("s", "ia3", targets=["attn.k"])
     g.adapter("lo", "lora", targets=["attn.k"])
     with pytest.raises(CompositionError) as err:
-        composer.compose(BUILDERS["llama"](), g, registry=registry)
+        ac.compose(BUILDERS["llama"](), g, registry=registry)
     assert "no-declared-order" in err.value.codes
 
 
@@ -225,7 +225,7 @@ def test_peft_parity_both_directions(arch, targets, feedforward, registry, tmp_p
     saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
 
     model = BUILDERS[arch]()
-    composed = composer.from_peft(model, tmp_path / "peft", name="task", registry=registry)
+    composed = ac.from_peft(model, tmp_path / "peft", name="task", registry=registry)
     assert (output(model, batch) - reference).abs().max() <= TOL
     peft_ff = {
         n for n, m in peft_model.named_modules() if getattr(m, "is_feedforward", False)
@@ -266,7 +266,7 @@ def test_bad_config_is_refused(config, registry):
     g = Graph()
     g.adapter("a", "ia3", **config)
     with pytest.raises(CompositionError) as err:
-        composer.compose(BUILDERS["llama"](), g, registry=registry)
+        ac.compose(BUILDERS["llama"](), g, registry=registry)
     assert err.value.codes == ["bad-config"]
 
 
@@ -282,7 +282,7 @@ def test_peft_file_errors(registry, tmp_path):
     def load_with(cfg=config, ts=tensors):
         config_path.write_text(json.dumps(cfg))
         save_file(ts, str(weights_path))
-        return composer.from_peft(model, tmp_path / "p", registry=registry)
+        return ac.from_peft(model, tmp_path / "p", registry=registry)
 
     with pytest.raises(AdapterFileError, match="feedforward_modules is missing"):
         load_with({**config, "feedforward_modules": None})

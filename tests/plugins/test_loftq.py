@@ -19,12 +19,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch.overrides import TorchFunctionMode
 
-import composer
-from composer import CompositionError, Graph
-from composer.errors import ComposerError
-from composer.tables import cell
-from plugins import loftq as loftq_plugin
-from plugins.loftq import (
+import adapter_composer as ac
+from adapter_composer import CompositionError, Graph
+from adapter_composer.errors import ComposerError
+from adapter_composer.plugins import loftq as loftq_plugin
+from adapter_composer.plugins.loftq import (
     LoftQ,
     LoftqConfig,
     QuantizedLinear,
@@ -32,7 +31,7 @@ from plugins.loftq import (
     loftq_init,
     low_rank_split,
 )
-from plugins.quantize import (
+from adapter_composer.plugins.quantize import (
     dequantize,
     normal_float_table,
     pack,
@@ -40,7 +39,8 @@ from plugins.quantize import (
     quantize_dequantize,
     unpack,
 )
-from registry import hookimpl, load_registry
+from adapter_composer.registry import hookimpl, load_registry
+from adapter_composer.tables import cell
 from tests.models import (
     inputs,
     output,
@@ -98,7 +98,7 @@ REGISTRY = load_registry(entry_points=False)
 
 def compose(model, **adapters):
     """``adapters``: name → keyword arguments of ``Graph.adapter`` (method defaults to loftq)."""
-    return composer.compose(model, _graph(**adapters), registry=REGISTRY)
+    return ac.compose(model, _graph(**adapters), registry=REGISTRY)
 
 
 # --- the quantiser ----------------------------------------------------------------------
@@ -371,7 +371,7 @@ def test_load_copies_the_saved_codes_over_a_fresh_initialisation(tmp_path, monke
 
     monkeypatch.setattr(loftq_plugin, "loftq_init", different)
     fresh = tiny_llama()
-    loaded = composer.load(fresh, tmp_path / "c", registry=REGISTRY)
+    loaded = ac.load(fresh, tmp_path / "c", registry=REGISTRY)
     assert torch.equal(output(fresh, inputs()), out)
     now = loaded.adapters["a"].state_dict()
     assert now.keys() == saved.keys() and all(torch.equal(now[k], saved[k]) for k in saved)
@@ -413,7 +413,7 @@ def _expect(g: Graph, codes: set[str], model=None, registry=REGISTRY) -> Composi
     model = model or tiny_llama()
     state = state_copy(model)
     with pytest.raises(CompositionError) as err:
-        composer.compose(model, g, registry=registry)
+        ac.compose(model, g, registry=registry)
     assert codes <= set(err.value.codes), err.value
     assert same_state(model, state)
     assert not any(isinstance(m, QuantizedLinearSite) for m in model.modules())

@@ -10,9 +10,9 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-import composer
-from composer import AdapterFileError, Graph
-from composer.sites import linear_weight
+import adapter_composer as ac
+from adapter_composer import AdapterFileError, Graph
+from adapter_composer.sites import linear_weight
 from tests.models import BUILDERS, inputs, output, randomize
 
 TOL = 1e-5
@@ -57,7 +57,7 @@ def test_outputs_equal_the_formula(arch, variant, registry):
     batch = inputs()
     g = Graph()
     g.adapter("a", "lora", r=4, alpha=6, targets=["attn.q", "attn.v", "mlp.down"], **variant)
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed, std=0.3)
     out = output(model, batch)
     reference = _reference_model(model, composed, "a")
@@ -69,7 +69,7 @@ def test_dora_gradient_treats_the_norm_as_constant(registry):
     model = BUILDERS["llama"]()
     g = Graph()
     g.adapter("a", "lora", r=2, dora=True, targets=["attn.q"], layers=[0])
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed)
     dora = composed.adapters["a"].modules["layers.0.attn.q"]
     q = model.model.layers[0].self_attn.q_proj
@@ -132,7 +132,7 @@ def test_peft_parity_both_directions(arch, which, r, alpha, variant, registry, t
     peft_model.save_pretrained(tmp_path / "peft")
 
     model = BUILDERS[arch]()
-    composed = composer.from_peft(model, tmp_path / "peft", name="task", registry=registry)
+    composed = ac.from_peft(model, tmp_path / "peft", name="task", registry=registry)
     ours = output(model, batch)
     assert (ours - reference).abs().max() <= TOL
 
@@ -155,7 +155,7 @@ def test_peft_rank_and_alpha_patterns(registry, tmp_path):
     reference = output(peft_model, batch)
     peft_model.save_pretrained(tmp_path / "peft")
     model = BUILDERS["llama"]()
-    composed = composer.from_peft(model, tmp_path / "peft", registry=registry)
+    composed = ac.from_peft(model, tmp_path / "peft", registry=registry)
     assert (output(model, batch) - reference).abs().max() <= TOL
     mods = composed.adapters["default"].modules
     assert mods["module.model.layers.1.self_attn.q_proj"].lora_A.shape[0] == 6
@@ -180,7 +180,7 @@ def test_role_targets_export_to_peft(registry, tmp_path):
         targets=["attn.q", "mlp.up"],
         rank_pattern={"mlp.up": 2},
     )
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed)
     ours = output(model, batch)
     composed.to_peft("mine", tmp_path / "export")
@@ -192,7 +192,7 @@ def test_gpt2_slices_cannot_be_exported_and_say_so(registry, tmp_path):
     model = BUILDERS["gpt2"]()
     g = Graph()
     g.adapter("a", "lora", targets=["attn.q", "attn.v"])
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     with pytest.raises(AdapterFileError, match="parts of fused layers.*attn.qkv"):
         composed.to_peft("a", tmp_path / "x")
     assert not (tmp_path / "x").exists()
@@ -201,7 +201,7 @@ def test_gpt2_slices_cannot_be_exported_and_say_so(registry, tmp_path):
 def test_peft_import_errors(registry, tmp_path):
     model = BUILDERS["llama"]()
     with pytest.raises(AdapterFileError, match="holds no adapter_config.json"):
-        composer.from_peft(model, tmp_path, registry=registry)
+        ac.from_peft(model, tmp_path, registry=registry)
     peft_model = _peft_model("llama", ["q_proj"], 2, 4, "lora")
     peft_model.save_pretrained(tmp_path / "p")
     config_path = tmp_path / "p" / "adapter_config.json"
@@ -211,20 +211,20 @@ def test_peft_import_errors(registry, tmp_path):
     with pytest.raises(
         AdapterFileError, match="no installed method reads PEFT adapters of type 'MYSTERY'"
     ):
-        composer.from_peft(model, tmp_path / "p", registry=registry)
+        ac.from_peft(model, tmp_path / "p", registry=registry)
 
     config_path.write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
     with pytest.raises(AdapterFileError, match="unsupported PEFT LoRA options: modules_to_save"):
-        composer.from_peft(model, tmp_path / "p", registry=registry)
+        ac.from_peft(model, tmp_path / "p", registry=registry)
 
     config_path.write_text(json.dumps({**config, "r": 3}))  # tensors were saved with r=2
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(AdapterFileError, match=r"has shape \(2, 64\), the model needs \(3, 64\)"):
-        composer.from_peft(model, tmp_path / "p", registry=registry)
+        ac.from_peft(model, tmp_path / "p", registry=registry)
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
     config_path.write_text(json.dumps(config))
     (tmp_path / "p" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(AdapterFileError, match="not a readable safetensors file"):
-        composer.from_peft(model, tmp_path / "p", registry=registry)
+        ac.from_peft(model, tmp_path / "p", registry=registry)

@@ -11,9 +11,9 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from transformers import DynamicCache
 
-import composer
-from composer import AdapterFileError, CompositionError, Graph
-from plugins.prefix import freeze_projection
+import adapter_composer as ac
+from adapter_composer import AdapterFileError, CompositionError, Graph
+from adapter_composer.plugins.prefix import freeze_projection
 from tests.models import BUILDERS, inputs, output, randomize, same_state, state_copy
 from tests.plugins.test_prompt import check_generate_uses_cache, train_steps
 
@@ -24,7 +24,7 @@ SEED = 4321
 def _compose(model, registry, **config):
     g = Graph()
     g.adapter("a", "prefix_tuning", **config)
-    return composer.compose(model, g, registry=registry)
+    return ac.compose(model, g, registry=registry)
 
 
 def _module(composed, name: str = "a"):
@@ -117,7 +117,7 @@ def test_peft_parity_both_directions(arch, projection, registry, tmp_path):
 
     peft_model.save_pretrained(tmp_path / "peft")  # projected values only, never the MLP
     model = BUILDERS[arch]()
-    composed = composer.from_peft(model, tmp_path / "peft", name="task", registry=registry)
+    composed = ac.from_peft(model, tmp_path / "peft", name="task", registry=registry)
     assert not _module(composed, "task").projected
     assert (output(model, batch) - reference).abs().max() <= TOL
 
@@ -149,13 +149,13 @@ def test_peft_import_errors(registry, tmp_path):
     model = BUILDERS["llama"]()  # 2 KV heads of 16: a prefix row is 2·2·32 wide, not 2·2·64
     before = state_copy(model)
     with pytest.raises(AdapterFileError, match=r"has shape \(3, 256\), the model needs \(3, 128\)"):
-        composer.from_peft(model, tmp_path / "p", registry=registry)
+        ac.from_peft(model, tmp_path / "p", registry=registry)
     assert same_state(model, before)
     config_path = tmp_path / "p" / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "num_transformer_submodules": 2}))
     with pytest.raises(AdapterFileError, match="encoder-decoder virtual tokens are not supported"):
-        composer.from_peft(BUILDERS["gpt2"](), tmp_path / "p", registry=registry)
+        ac.from_peft(BUILDERS["gpt2"](), tmp_path / "p", registry=registry)
 
 
 # --- the projection, dropped for inference --------------------------------------------------
@@ -182,7 +182,7 @@ def test_freeze_projection_keeps_outputs_and_saves_the_direct_form(registry, tmp
 
     for saved, projected in (("projected", True), ("direct", False)):
         fresh = BUILDERS["llama"]()
-        loaded = composer.load(fresh, tmp_path / saved, registry=registry)
+        loaded = ac.load(fresh, tmp_path / saved, registry=registry)
         assert _module(loaded).projected is projected
         torch.testing.assert_close(output(fresh, batch), out, rtol=0, atol=1e-6)
         loaded.undo()
@@ -192,7 +192,7 @@ def test_freeze_projection_refuses_other_methods(registry):
     model = BUILDERS["llama"]()
     g = Graph()
     g.adapter("p", "prompt_tuning", num_virtual_tokens=2)
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     with pytest.raises(ValueError, match="not prefix_tuning"):
         freeze_projection(composed, "p")
 
@@ -215,7 +215,7 @@ def test_stack_of_two_prefixes_is_one_prefix_of_the_joined_length(registry):
     g.adapter("a", "prefix_tuning", num_virtual_tokens=3, seed=1)
     g.adapter("b", "prefix_tuning", num_virtual_tokens=2, projection=True, seed=2)
     g.stack("a", "b")
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     out = output(model, batch)
     joined = torch.cat([_module(composed, "a").values(), _module(composed, "b").values()]).detach()
     composed.undo()
@@ -249,7 +249,7 @@ def test_gradient_checkpointing_keeps_the_prefix_or_refuses_clearly(registry):
             model.gradient_checkpointing_enable()
         composed.train()
         if checkpointing:  # transformers drops the cache in checkpointed layers: refused clearly, as PEFT does
-            with pytest.raises(composer.ComposerError, match="gradient checkpointing"):
+            with pytest.raises(ac.ComposerError, match="gradient checkpointing"):
                 model(**batch, labels=batch["input_ids"]).loss.backward()
             model.gradient_checkpointing_disable()
         model(**batch, labels=batch["input_ids"]).loss.backward()
@@ -264,7 +264,7 @@ def test_bert_has_no_kv_prefix_point(registry):
     g = Graph()
     g.adapter("a", "prefix_tuning", num_virtual_tokens=2)
     with pytest.raises(CompositionError) as err:
-        composer.compose(BUILDERS["bert"](), g, registry=registry)
+        ac.compose(BUILDERS["bert"](), g, registry=registry)
     assert err.value.codes == ["point-missing"]
     assert "attention.kv_prefix" in str(err.value)
 
@@ -275,7 +275,7 @@ def test_sum_of_prefixes_is_refused(registry):
     g.adapter("b", "prefix_tuning", num_virtual_tokens=2)
     g.sum("a", "b")
     with pytest.raises(CompositionError) as err:
-        composer.compose(BUILDERS["llama"](), g, registry=registry)
+        ac.compose(BUILDERS["llama"](), g, registry=registry)
     assert "unsupported-operator" in err.value.codes
 
 

@@ -12,8 +12,8 @@ from peft import PeftModel, PromptTuningConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-import composer
-from composer import CompositionError, Graph
+import adapter_composer as ac
+from adapter_composer import CompositionError, Graph
 from tests.models import BUILDERS, VOCAB, inputs, output, same_state, state_copy, tiny_llama_scaled
 
 TOL = 1e-5
@@ -116,7 +116,7 @@ def tokenizer_dir(tmp_path_factory) -> str:
 def _compose(model, registry, **config):
     g = Graph()
     g.adapter("a", "prompt_tuning", **config)
-    return composer.compose(model, g, registry=registry)
+    return ac.compose(model, g, registry=registry)
 
 
 def _prompt(composed, name: str = "a") -> torch.Tensor:
@@ -229,7 +229,7 @@ def test_peft_parity_both_directions(arch, peft_init, n, registry, tokenizer_dir
 
     peft_model.save_pretrained(tmp_path / "peft")
     model = BUILDERS[arch]()
-    composed = composer.from_peft(model, tmp_path / "peft", name="task", registry=registry)
+    composed = ac.from_peft(model, tmp_path / "peft", name="task", registry=registry)
     assert composed.adapters["task"].config.init == "random"  # the saved tensor replaces any init
     assert (output(model, batch) - reference).abs().max() <= TOL
 
@@ -275,7 +275,7 @@ def test_export_keeps_the_init_fields_and_import_needs_no_tokenizer(
     out = output(model, batch)
     composed.undo()
     fresh = BUILDERS["gpt2"]()
-    composer.from_peft(fresh, tmp_path / "export", registry=registry)
+    ac.from_peft(fresh, tmp_path / "export", registry=registry)
     assert torch.equal(output(fresh, batch), out)
 
 
@@ -297,7 +297,7 @@ def test_stack_of_two_prompts_is_their_concatenation(registry):
     g.adapter("a", "prompt_tuning", num_virtual_tokens=3, seed=1)
     g.adapter("b", "prompt_tuning", num_virtual_tokens=4, seed=2)
     g.stack("a", "b")
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     out = output(model, batch)
     joined = torch.cat([_prompt(composed, "a"), _prompt(composed, "b")]).detach().clone()
     composed.undo()
@@ -329,7 +329,7 @@ def test_sum_of_prompts_is_refused(registry):
     g.adapter("b", "prompt_tuning", num_virtual_tokens=2)
     g.sum("a", "b")
     with pytest.raises(CompositionError) as err:
-        composer.compose(BUILDERS["llama"](), g, registry=registry)
+        ac.compose(BUILDERS["llama"](), g, registry=registry)
     assert "unsupported-operator" in err.value.codes
 
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from peft import PeftModel, VeraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-import composer
-from composer import AdapterFileError, CompositionError, Graph
+import adapter_composer as ac
+from adapter_composer import AdapterFileError, CompositionError, Graph
 from tests.models import BUILDERS, inputs, output, randomize, role_paths
 
 TOL = 1e-5
@@ -42,7 +42,7 @@ def _composed(arch: str, registry, **config):
     model = BUILDERS[arch]()
     g = Graph()
     g.adapter("a", "vera", **config)
-    composed = composer.compose(model, g, registry=registry)
+    composed = ac.compose(model, g, registry=registry)
     randomize(composed, std=0.3)
     return model, composed
 
@@ -131,7 +131,7 @@ def test_without_saved_projection_they_are_rebuilt_from_the_seed(registry, tmp_p
     composed.save(tmp_path / "c")
     composed.undo()
     fresh = BUILDERS["llama"]()
-    loaded = composer.load(fresh, tmp_path / "c", registry=registry)
+    loaded = ac.load(fresh, tmp_path / "c", registry=registry)
     assert torch.equal(output(fresh, batch), out)
     assert torch.equal(loaded.adapters["a"].shared.vera_A, composed.adapters["a"].shared.vera_A)
 
@@ -148,7 +148,7 @@ def test_projections_are_peft_s(r, seed, registry):
     )
     g = Graph()
     g.adapter("a", "vera", r=r, projection_prng_key=seed, targets=["attn.q", "attn.k", "mlp.down"])
-    composed = composer.compose(BUILDERS["llama"](), g, registry=registry)
+    composed = ac.compose(BUILDERS["llama"](), g, registry=registry)
     ours = composed.adapters["a"].shared
     assert torch.equal(ours.vera_A, peft_model.base_model.vera_A["default"])
     assert torch.equal(ours.vera_B, peft_model.base_model.vera_B["default"])
@@ -197,7 +197,7 @@ def test_peft_parity_both_directions(arch, targets, r, save_projection, registry
     peft_model.save_pretrained(tmp_path / "peft")
 
     model = BUILDERS[arch]()
-    composed = composer.from_peft(model, tmp_path / "peft", name="task", registry=registry)
+    composed = ac.from_peft(model, tmp_path / "peft", name="task", registry=registry)
     assert (output(model, batch) - reference).abs().max() <= TOL
     assert composed.adapters["task"].config.dropout == 0.1
 
@@ -224,7 +224,7 @@ def test_saved_projection_wins_over_the_seed(registry, tmp_path):
     tensors = load_file(str(weights))
     tensors["base_model.vera_A"] = 2 * tensors["base_model.vera_A"]
     save_file(tensors, str(weights))
-    composed = composer.from_peft(BUILDERS["llama"](), tmp_path / "p", registry=registry)
+    composed = ac.from_peft(BUILDERS["llama"](), tmp_path / "p", registry=registry)
     assert torch.equal(composed.adapters["default"].shared.vera_A, tensors["base_model.vera_A"])
 
 
@@ -239,7 +239,7 @@ def test_bad_config_is_refused(config, registry):
     g = Graph()
     g.adapter("a", "vera", **config)
     with pytest.raises(CompositionError) as err:
-        composer.compose(BUILDERS["llama"](), g, registry=registry)
+        ac.compose(BUILDERS["llama"](), g, registry=registry)
     assert err.value.codes == ["bad-config"]
 
 
@@ -254,7 +254,7 @@ def test_peft_file_errors(registry, tmp_path):
     def load_with(cfg=config, ts=tensors):
         config_path.write_text(json.dumps(cfg))
         save_file(ts, str(weights_path))
-        return composer.from_peft(model, tmp_path / "p", registry=registry)
+        return ac.from_peft(model, tmp_path / "p", registry=registry)
 
     with pytest.raises(AdapterFileError, match=r"unsupported PEFT VeRA options: bias='all'"):
         load_with({**config, "bias": "all"})

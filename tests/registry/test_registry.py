@@ -9,9 +9,9 @@ import types
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-import composer
-import registry as reg_pkg
-from registry import Capabilities, PluginError, hookimpl, load_registry
+import adapter_composer as ac
+import adapter_composer.registry as reg_pkg
+from adapter_composer.registry import Capabilities, PluginError, hookimpl, load_registry
 from tests.models import inputs, output, tiny_llama
 
 
@@ -47,13 +47,13 @@ def test_importing_registry_builds_nothing():
 
 def test_records_describe_methods_architectures_operators(registry):
     lora = registry.method("lora")
-    assert lora.plugin == "plugins.lora" and lora.points == ("linear.delta",)
+    assert lora.plugin == "adapter_composer.plugins.lora" and lora.points == ("linear.delta",)
     assert lora.capabilities.mergeable and lora.capabilities.identity_at_init
     assert "r" in lora.config.model_fields
     llama = registry.architecture_for("mistral")
     assert llama.name == "llama" and llama.roles["attn.q"].path == "layers.{i}.self_attn.q_proj"
     text = registry.describe()
-    for needle in ("lora", "plugins.lora", "linear.delta", "stack", "gpt2", "attn.q", "mergeable"):
+    for needle in ("lora", "adapter_composer.plugins.lora", "linear.delta", "stack", "gpt2", "attn.q", "mergeable"):
         assert needle in text
 
 
@@ -76,7 +76,7 @@ def test_two_plugins_claiming_one_method_name_are_both_named():
 
 
 def test_a_plugin_claiming_a_builtin_name_is_refused():
-    with pytest.raises(PluginError, match="plugins.lora"):
+    with pytest.raises(PluginError, match="adapter_composer.plugins.lora"):
         load_registry(entry_points=False, plugins=[_method_plugin("acme", "lora")])
 
 
@@ -179,7 +179,7 @@ def test_entry_point_plugin_is_loaded(tmp_path, monkeypatch):
         textwrap.dedent(
             """
             from pydantic import BaseModel, ConfigDict
-            from registry import hookimpl
+            from adapter_composer.registry import hookimpl
 
             class Cfg(BaseModel):
                 model_config = ConfigDict(frozen=True, extra="forbid")
@@ -208,15 +208,15 @@ def test_check_graph_plugin_that_raises_becomes_a_diagnostic():
     reg = load_registry(
         entry_points=False, plugins=[_plugin("acme_checker", check_graph=check_graph)]
     )
-    g = composer.Graph()
+    g = ac.Graph()
     g.adapter("a", "lora", targets=["attn.q"])
-    diags = composer.validate(g, reg, tiny_llama())
+    diags = ac.validate(g, reg, tiny_llama())
     assert [d.code for d in diags] == ["plugin-check-failed"]
     assert "acme_checker" in diags[0].message and "plugin bug" in diags[0].message
 
 
 def test_check_graph_plugin_adds_diagnostics_and_blocks_compose():
-    from registry import Diagnostic
+    from adapter_composer.registry import Diagnostic
 
     def check_graph(graph, registry):
         return [
@@ -227,16 +227,16 @@ def test_check_graph_plugin_adds_diagnostics_and_blocks_compose():
 
     reg = load_registry(entry_points=False, plugins=[_plugin("acme_rule", check_graph=check_graph)])
     model = tiny_llama()
-    g = composer.Graph()
+    g = ac.Graph()
     g.adapter("a", "lora", targets=["attn.q"])
     g.adapter("b", "lora", targets=["attn.v"])
-    with pytest.raises(composer.CompositionError) as err:
-        composer.compose(model, g, registry=reg)
+    with pytest.raises(ac.CompositionError) as err:
+        ac.compose(model, g, registry=reg)
     assert err.value.codes == ["acme-no-q"] and "a targets q" in str(err.value)
 
 
 def test_build_site_from_a_plugin_takes_precedence():
-    from composer.runtime.linear import LinearSite
+    from adapter_composer.runtime.linear import LinearSite
 
     class TracingSite(LinearSite):
         calls = 0
@@ -258,9 +258,9 @@ def test_build_site_from_a_plugin_takes_precedence():
     model = tiny_llama()
     batch = inputs()
     before = output(model, batch)
-    g = composer.Graph()
+    g = ac.Graph()
     g.adapter("a", "lora", targets=["attn.q"])
-    composed = composer.compose(model, g, registry=reg)
+    composed = ac.compose(model, g, registry=reg)
     assert all(isinstance(s, TracingSite) for s in composed.sites().values())
     assert (output(model, batch) - before).abs().max() == 0 and TracingSite.calls == 2
 
@@ -289,23 +289,23 @@ def test_rules_contributed_as_data_reach_validation():
         plugins=[composer_loha, _plugin("acme_rules", register_rules=register_rules)],
     )
     model = tiny_llama()
-    g = composer.Graph()
+    g = ac.Graph()
     g.adapter("h", "loha", r=2, targets=["attn.q"])
     g.adapter("l", "lora", r=2, targets=["attn.q"])
     g.sum("h", "l", name="s")
     g.stack("s", name="outer")
-    g2 = composer.Graph()
+    g2 = ac.Graph()
     g2.adapter("h", "loha", r=2, targets=["attn.q"])
     g2.adapter("l", "lora", r=2, targets=["attn.q"])
     g2.stack("l", "h")
-    codes = sorted(d.code for d in composer.validate(g, reg, model))
+    codes = sorted(d.code for d in ac.validate(g, reg, model))
     assert codes == ["forbidden-nesting", "method-conflict", "unsupported-operator"]
-    diags = composer.validate(g2, reg, model)
+    diags = ac.validate(g2, reg, model)
     assert sorted(d.code for d in diags) == ["method-conflict", "stack-order"]
     order = next(d for d in diags if d.code == "stack-order")
     assert order.sites == ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")
     assert "loha must come first" in order.message and order.plugin == "acme_rules"
-    refusal = next(d for d in composer.validate(g, reg, model) if d.code == "unsupported-operator")
+    refusal = next(d for d in ac.validate(g, reg, model) if d.code == "unsupported-operator")
     assert "acme says no" in refusal.message and refusal.fix == "use a stack"
-    nesting = next(d for d in composer.validate(g, reg, model) if d.code == "forbidden-nesting")
+    nesting = next(d for d in ac.validate(g, reg, model) if d.code == "forbidden-nesting")
     assert "acme forbids it" in nesting.message and "allowed nestings" in nesting.rule

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import composer
-from registry import load_registry
+import adapter_composer as ac
+from adapter_composer.registry import load_registry
 from tests.models import inputs, output, randomize, tiny_llama
 
 PLUGIN = Path(__file__).resolve().parents[2] / "examples" / "loha_plugin"
@@ -64,7 +64,7 @@ def test_installed_plugin_is_found_through_its_entry_point(installed):
         installed,
         """
         import json
-        from registry import load_registry
+        from adapter_composer.registry import load_registry
         reg = load_registry()
         m = reg.method("loha")
         print(json.dumps({"plugin": m.plugin, "version": reg.plugin_version(m.plugin), "listed": "loha" in reg.describe()}))
@@ -77,16 +77,17 @@ def test_installed_plugin_composes_like_a_builtin(installed):
     result = _run(
         installed,
         """
-        import json, torch, composer
+        import json, torch
+        import adapter_composer as ac
         from tests.models import tiny_llama, inputs, output, randomize
         model = tiny_llama()
         batch = inputs()
         base = output(model, batch)
-        g = composer.Graph()
+        g = ac.Graph()
         g.adapter("h", "loha", r=2, targets=["attn.q", "attn.v"])
         g.adapter("l", "lora", r=4, targets=["attn.v"])
         g.sum("h", "l", weights=[0.5, 1.0])
-        c = composer.compose(model, g)
+        c = ac.compose(model, g)
         identity = bool(torch.equal(output(model, batch), base))
         randomize(c)
         out = output(model, batch)
@@ -113,9 +114,9 @@ def _loha_module():
 
 def test_plugin_check_graph_rule():
     reg = load_registry(entry_points=False, plugins=[_loha_module()])
-    g = composer.Graph()
+    g = ac.Graph()
     g.adapter("wide", "loha", r=40, targets=["attn.v"])  # v has 32 outputs
-    diags = composer.validate(g, reg, tiny_llama())
+    diags = ac.validate(g, reg, tiny_llama())
     assert [d.code for d in diags] == ["loha-rank-too-large"]
     assert diags[0].plugin == "adapter-composer-loha" and "layers.0.attn.v" in diags[0].sites
 
@@ -133,7 +134,7 @@ def test_loha_matches_peft(tmp_path):
     reference = output(peft_model, batch)
     peft_model.save_pretrained(tmp_path / "peft")
     model = tiny_llama()
-    composed = composer.from_peft(model, tmp_path / "peft", registry=reg)
+    composed = ac.from_peft(model, tmp_path / "peft", registry=reg)
     assert (output(model, batch) - reference).abs().max() <= 1e-5
     composed.to_peft("default", tmp_path / "back")
     back = PeftModel.from_pretrained(tiny_llama(), tmp_path / "back").eval()
@@ -143,9 +144,9 @@ def test_loha_matches_peft(tmp_path):
 def test_loha_dense_reference():
     reg = load_registry(entry_points=False, plugins=[_loha_module()])
     model = tiny_llama()
-    g = composer.Graph()
+    g = ac.Graph()
     g.adapter("h", "loha", r=2, alpha=3, targets=["attn.q"], layers=[1])
-    composed = composer.compose(model, g, registry=reg)
+    composed = ac.compose(model, g, registry=reg)
     randomize(composed)
     m = composed.adapters["h"].modules["layers.1.attn.q"]
     q = model.model.layers[1].self_attn.q_proj

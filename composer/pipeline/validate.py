@@ -22,13 +22,12 @@ import networkx as nx
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
-from registry import KINDS, Diagnostic, MethodRecord, Registry
-
-from .graph import AdapterSpec, Graph, OperatorSpec
-from .plan import Program, compile_site, site_groups
-from .resolve import Resolver
-from .rules import COMMUTING, check_sites, commute
-from .sites import SiteInfo
+from adapter_composer.pipeline.graph import AdapterSpec, Graph, OperatorSpec
+from adapter_composer.pipeline.plan import Program, compile_site, site_groups
+from adapter_composer.pipeline.resolve import Resolver
+from adapter_composer.pipeline.rules import COMMUTING, check_sites, commute
+from adapter_composer.registry import KINDS, Diagnostic, MethodRecord, Registry, default_registry
+from adapter_composer.sites import SiteInfo
 
 
 @dataclass
@@ -317,8 +316,6 @@ def validate(
     graph: Graph, registry: Registry | None = None, model: nn.Module | None = None
 ) -> list[Diagnostic]:
     """Every problem with ``graph`` (on ``model``, when given), without raising."""
-    from .api import default_registry
-
     return analyse(graph, registry or default_registry(), model).diagnostics
 
 

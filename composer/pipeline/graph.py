@@ -1,7 +1,7 @@
 """The composition graph: adapters and operators, stored as a networkx graph.
 
 A graph is pure data: declaring it touches no model and needs no registry. Names given as
-children may refer to nodes declared later; :func:`composer.validate` resolves them and
+children may refer to nodes declared later; :func:`adapter_composer.validate` resolves them and
 reports anything missing, cyclic or ill-typed, all at once.
 
     g = Graph()
@@ -19,9 +19,8 @@ from typing import Any, Literal
 import networkx as nx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from registry import Diagnostic
-
-from .errors import CompositionError
+from adapter_composer.errors import CompositionError
+from adapter_composer.registry import Diagnostic
 
 FORMAT = "adapter-composer.graph"
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$"

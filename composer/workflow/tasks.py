@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import ComposerError
+from adapter_composer.errors import ComposerError
 
 Metric = Literal["accuracy", "f1", "matthews", "pearson", "spearman"]
 

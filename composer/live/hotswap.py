@@ -20,13 +20,12 @@ from typing import Any
 
 import torch
 
-from registry import Diagnostic
-
-from .apply import _leaf, build_adapter
-from .errors import ComposerError, CompositionError
-from .graph import AdapterSpec, OperatorSpec
-from .io import check_tensors
-from .plan import AdapterPlan, Leaf, OpNode
+from adapter_composer.errors import ComposerError, CompositionError
+from adapter_composer.formats.files import check_tensors
+from adapter_composer.pipeline.apply import _leaf, build_adapter
+from adapter_composer.pipeline.graph import AdapterSpec, OperatorSpec
+from adapter_composer.pipeline.plan import AdapterPlan, Leaf, OpNode
+from adapter_composer.registry import Diagnostic
 
 
 def _route_nodes(composed: Any, node: str) -> dict[tuple[str, str], Any]:
@@ -95,7 +94,7 @@ def add_adapter(
             object.__setattr__(leaf, "site", composed._rt.sites[where])  # back-reference, not a submodule
         leaves[where] = leaf
     if tensors is not None:
-        from .composed import AdapterHandle
+        from adapter_composer.live.handles import AdapterHandle
 
         handle = AdapterHandle(name, record.name, cfg, composed._rt.adapters[name], composed._rt.method_shared.get(name))
         problems = check_tensors(f"adapter {name!r}", tensors, handle.expected_shapes())
@@ -117,7 +116,7 @@ def add_adapter(
     for where, leaf in leaves.items():
         nodes[where].set_child(key, leaf)
     _refresh_plan(composed, route, {where: {key: plan_leaves[where]} for where in leaves})
-    from .composed import AdapterHandle
+    from adapter_composer.live.handles import AdapterHandle
 
     composed.adapters[name] = AdapterHandle(name, record.name, cfg, composed._rt.adapters[name], composed._rt.method_shared.get(name))
     composed._patch.model_hook.route_keys = composed._patch.model_hook.route_keys | {key}
@@ -174,8 +173,9 @@ def replace_weights(composed: Any, name: str, tensors: Mapping[str, torch.Tensor
 def load_adapter(composed: Any, directory: str | Path, *, name: str, route: str, key: str, adapter: str | None = None) -> Any:
     """Serve an adapter from disk under ``route`` for ``key``: a PEFT adapter directory, or a
     saved composition (pick ``adapter``, default the only one / ``name``)."""
-    from .io import MANIFEST, read_manifest, read_safetensors
-    from .peft_io import CONFIG, read_peft
+    from adapter_composer.formats.composition import MANIFEST, read_manifest
+    from adapter_composer.formats.files import read_safetensors
+    from adapter_composer.formats.peft import CONFIG, read_peft
 
     directory = Path(directory)
     if (directory / CONFIG).is_file():

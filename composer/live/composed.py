@@ -10,20 +10,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from registry import Diagnostic, Registry
-
-from .apply import Patch, Runtime, undo_patch
-from .errors import ComposerError, CompositionError
-from .graph import Graph
-from .handles import AdapterHandle, ParameterReport
-from .plan import Leaf, OpNode, Plan, Program
-from .runtime.linear import LinearSite
-from .runtime.state import CallState
-from .validate import Analysis
+from adapter_composer.errors import ComposerError, CompositionError
+from adapter_composer.formats.composition import fingerprint
+from adapter_composer.live.handles import AdapterHandle, ParameterReport
+from adapter_composer.pipeline.apply import (
+    Patch,
+    Runtime,
+    block_layers,
+    build_runtime,
+    patch_model,
+    undo_patch,
+)
+from adapter_composer.pipeline.graph import Graph
+from adapter_composer.pipeline.plan import Leaf, OpNode, Plan, Program, make_plan
+from adapter_composer.pipeline.validate import Analysis, analyse
+from adapter_composer.registry import Diagnostic, Registry, default_registry
+from adapter_composer.runtime import CONTAINER_ATTR
+from adapter_composer.runtime.linear import LinearSite
+from adapter_composer.runtime.state import CallState
 
 
 class Composed:
-    """A model with a composition applied in place. Made by :func:`composer.compose`."""
+    """A model with a composition applied in place. Made by :func:`adapter_composer.compose`."""
 
     def __init__(
         self,
@@ -56,6 +64,35 @@ class Composed:
             )
             for name, mods in runtime.adapters.items()
         }
+
+    @classmethod
+    def create(cls, model: nn.Module, graph: Graph, *, registry: Registry | None = None) -> Composed:
+        """Validate, plan and apply ``graph`` to ``model``; see :func:`adapter_composer.compose`."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"compose() needs a torch nn.Module, got {type(model).__name__}")
+        if not isinstance(graph, Graph):
+            raise TypeError(f"compose() needs an adapter_composer.Graph, got {type(graph).__name__}")
+        if _already_composed(model):
+            raise ComposerError("this model already has a composition applied; call undo() on it first")
+        registry = registry or default_registry()
+        analysis = analyse(graph, registry, model)
+        if analysis.diagnostics:
+            raise CompositionError(analysis.diagnostics)
+        the_plan = make_plan(analysis)
+        print_ = fingerprint(model)
+        state = CallState()
+        runtime = build_runtime(analysis, the_plan, state)
+        block_paths = {}
+        for layer in sorted(block_layers(runtime)):
+            path = analysis.resolver.block_path(layer)
+            if path is None:
+                raise CompositionError(
+                    [Diagnostic(code="point-missing", message=f"a per-layer router needs the input of layer {layer}, but the architecture maps no 'block' role",
+                                fix="use router='site', or add a 'block' role to the architecture plugin")]
+                )
+            block_paths[layer] = path
+        patch = patch_model(model, runtime, state, the_plan, block_paths=block_paths)
+        return cls(model, graph.copy(), the_plan, registry, analysis, runtime, patch, state, print_)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -135,7 +172,7 @@ class Composed:
     def routing(self, keys: Sequence[str | None] | str | None) -> Iterator[None]:
         """Route every forward call inside the block: one key per batch row (or one key
         for all rows); ``None`` rows use the base model. Also works around ``generate()``."""
-        from .runtime.model import ROUTE
+        from adapter_composer.runtime.model import ROUTE
 
         token = ROUTE.set(
             None if keys is None else (keys if isinstance(keys, str) else tuple(keys))
@@ -165,13 +202,13 @@ class Composed:
             return torch.zeros(())
         return torch.stack([loss.float() for loss in losses]).sum()
 
-    # --- hot swap (see composer.hotswap) ----------------------------------------------
+    # --- hot swap (see adapter_composer.live.hotswap) ----------------------------------------------
 
     def add_adapter(
         self, name: str, method: str, *, route: str, key: str, **kwargs: Any
     ) -> AdapterHandle:
         """Serve a new adapter under route node ``route`` for ``key``, without re-composing."""
-        from .hotswap import add_adapter
+        from adapter_composer.live.hotswap import add_adapter
 
         return add_adapter(self, name, method, route=route, key=key, **kwargs)
 
@@ -179,19 +216,19 @@ class Composed:
         self, directory: str | Path, *, name: str, route: str, key: str, adapter: str | None = None
     ) -> AdapterHandle:
         """Serve an adapter from disk (PEFT directory or saved composition) under ``route``."""
-        from .hotswap import load_adapter
+        from adapter_composer.live.hotswap import load_adapter
 
         return load_adapter(self, directory, name=name, route=route, key=key, adapter=adapter)
 
     def remove_adapter(self, name: str) -> None:
         """Stop serving adapter ``name`` (which sits under route nodes only)."""
-        from .hotswap import remove_adapter
+        from adapter_composer.live.hotswap import remove_adapter
 
         remove_adapter(self, name)
 
     def replace_weights(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
         """Load new weights into adapter ``name`` in place (same shapes)."""
-        from .hotswap import replace_weights
+        from adapter_composer.live.hotswap import replace_weights
 
         replace_weights(self, name, tensors)
 
@@ -254,8 +291,8 @@ class Composed:
     def merge_sum(self, node: str, strategy: str = "linear", **options: Any) -> Any:
         """Merge the adapters under sum node ``node`` into one update per site with a named
         strategy (linear, cat: exact; svd, ties, dare: approximate, with their error).
-        See :mod:`composer.merging`."""
-        from .merging import merge_sum
+        See :mod:`adapter_composer.live.merging`."""
+        from adapter_composer.live.merging import merge_sum
 
         return merge_sum(self, node, strategy, **options)
 
@@ -285,19 +322,23 @@ class Composed:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``composition.json`` and one safetensors file per adapter, atomically."""
-        from .io import save_composition
+        from adapter_composer.formats.composition import save_composition
 
         return save_composition(self, Path(directory))
 
     def to_peft(self, name: str, directory: str | Path) -> Path:
         """Export adapter ``name`` in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
-        from .peft_io import export_peft
+        from adapter_composer.formats.peft import export_peft
 
         return export_peft(self, name, Path(directory))
 
     def __repr__(self) -> str:
         state = "undone" if self._patch.undone else ("merged" if self.merged else "active")
         return f"Composed({type(self.model).__name__}, {len(self.adapters)} adapters, {len(self.plan.sites)} sites, {state})"
+
+
+def _already_composed(model: nn.Module) -> bool:
+    return hasattr(model, CONTAINER_ATTR) or any(getattr(m, "is_composer_site", False) for m in model.modules())
 
 
 def _unfoldable(prog: Program, analysis: Analysis) -> list[tuple[str, tuple[str, ...], str]]:

@@ -12,16 +12,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from registry import Registry
-
-from .plan import Leaf, OpNode, Plan, Program, SitePlan
-from .runtime import CONTAINER_ATTR, Container, SharedRef, SiteBuild
-from .runtime.linear import Leaf as LinearLeaf
-from .runtime.model import ModelHook, SegmentLeaf, SegmentSite
-from .runtime.state import CallState
-from .runtime.sublayer import SublayerLeaf
-from .sites import SiteInfo
-from .validate import Analysis
+from adapter_composer.pipeline.plan import Leaf, OpNode, Plan, Program, SitePlan
+from adapter_composer.pipeline.validate import Analysis
+from adapter_composer.registry import Registry
+from adapter_composer.runtime import CONTAINER_ATTR, Container, SharedRef, SiteBuild
+from adapter_composer.runtime.linear import Leaf as LinearLeaf
+from adapter_composer.runtime.model import ModelHook, SegmentLeaf, SegmentSite
+from adapter_composer.runtime.state import CallState
+from adapter_composer.runtime.sublayer import SublayerLeaf
+from adapter_composer.sites import SiteInfo
 
 
 @dataclass(frozen=True)
@@ -249,7 +248,7 @@ def _generate_with_route(generate):
     arguments, so the keys travel in the routing context instead."""
     import functools
 
-    from .runtime.model import ROUTE
+    from adapter_composer.runtime.model import ROUTE
 
     @functools.wraps(generate)
     def wrapper(*args, route=None, **kwargs):

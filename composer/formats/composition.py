@@ -1,32 +1,34 @@
-"""Saving and loading compositions: ``composition.json`` plus one safetensors file per adapter.
+"""Our composition directory: ``composition.json`` plus one safetensors file per adapter.
 
-Writes are atomic: everything goes to a temporary sibling directory that replaces the
-target in one rename. Reads check the base model's fingerprint and every tensor's name and
-shape before anything is applied, and say exactly what does not match. Never unpickles.
+Writes are atomic (:func:`adapter_composer.formats.files.write_directory_atomically`). Reads
+check the base model's fingerprint and every tensor's name and shape before anything is
+applied, and say exactly what does not match. Never unpickles. Composing the model from a
+read directory is :func:`adapter_composer.load`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from registry import Registry
-
-from .errors import AdapterFileError, CompositionError
-from .graph import Graph
+from adapter_composer.errors import AdapterFileError, CompositionError
+from adapter_composer.formats.files import (
+    check_tensors,
+    contiguous,
+    read_safetensors,
+    safe_filename,
+    write_directory_atomically,
+)
+from adapter_composer.pipeline.graph import Graph
+from adapter_composer.registry import Registry
 
 FORMAT = "adapter-composer.composition"
 VERSION = 1
@@ -80,103 +82,15 @@ def fingerprint_differences(saved: Mapping[str, Any], model: nn.Module) -> list[
     return out or ["the parameter shapes differ"]
 
 
-# --- atomic directory writes ----------------------------------------------------------
-
-
-def _safe_filename(name: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    return stem if stem == name else f"{stem}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-
-
-def write_directory_atomically(directory: Path, files: Mapping[str, Any], marker: str) -> Path:
-    """Write ``files`` (name → bytes, or a callable(path) that writes) as ``directory``.
-
-    The target is replaced in one rename. An existing directory is only replaced when it
-    holds ``marker`` (a previous save) or is empty, so that nothing unrelated is lost.
-    """
-    directory = Path(directory)
-    if directory.exists():
-        if not directory.is_dir():
-            raise AdapterFileError(f"{directory} exists and is not a directory")
-        entries = list(directory.iterdir())
-        if entries and not (directory / marker).exists():
-            raise AdapterFileError(
-                f"{directory} is a non-empty directory without {marker}; refusing to overwrite it"
-            )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        for name, content in files.items():
-            target = tmp / name
-            if callable(content):
-                content(target)
-            else:
-                target.write_bytes(content)
-            with open(target, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, turning every failure into an :class:`AdapterFileError`."""
-    if not path.is_file():
-        raise AdapterFileError(f"missing file {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterFileError(
-            f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}"
-        ) from None
-
-
-def check_tensors(
-    where: str, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]
-) -> list[str]:
-    """Names and shapes that do not match, as readable lines."""
-    problems = []
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing:
-        problems.append(
-            f"{where}: missing tensors {missing[:6]}"
-            + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
-        )
-    if extra:
-        problems.append(
-            f"{where}: unexpected tensors {extra[:6]}"
-            + (f" and {len(extra) - 6} more" if len(extra) > 6 else "")
-        )
-    for k in sorted(set(expected) & set(tensors)):
-        if tuple(tensors[k].shape) != tuple(expected[k]):
-            problems.append(
-                f"{where}: tensor {k} has shape {tuple(tensors[k].shape)}, the model needs {tuple(expected[k])}"
-            )
-    return problems
-
-
 # --- save / load ----------------------------------------------------------------------
-
-
-def _contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
 def save_composition(composed: Any, directory: Path) -> Path:
     files: dict[str, Any] = {}
     adapters = {}
     for name, handle in composed.adapters.items():
-        fname = _safe_filename(name) + ".safetensors"
-        tensors = _contiguous(handle.state_dict())
+        fname = safe_filename(name) + ".safetensors"
+        tensors = contiguous(handle.state_dict())
         files[fname] = lambda p, t=tensors, n=name, m=handle.method: save_file(
             t, str(p), metadata={"adapter": n, "method": m}
         )
@@ -186,7 +100,7 @@ def save_composition(composed: Any, directory: Path) -> Path:
         tensors = {f"{node}.{k}": v for k, v in module.state_dict().items()}
         operators.update(tensors)
     if operators:
-        tensors = _contiguous(operators)
+        tensors = contiguous(operators)
         files["operators.safetensors"] = lambda p, t=tensors: save_file(
             t, str(p), metadata={"content": "operator weights"}
         )
@@ -228,23 +142,53 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def load(
-    model: nn.Module,
-    directory: str | Path,
-    *,
-    registry: Registry | None = None,
-    check_base: bool = True,
-) -> Any:
-    """Apply a saved composition to ``model`` and load its weights.
+@dataclass(frozen=True)
+class SavedComposition:
+    """A composition directory read from disk and checked, before any model is touched."""
 
-    Refuses a base model whose fingerprint differs (``check_base=False`` skips that check;
-    tensor shapes are always checked). On any error the model is left unchanged.
-    """
-    from .api import compose
+    directory: Path
+    manifest: Mapping[str, Any]
+    graph: Graph
+    adapter_tensors: Mapping[str, Mapping[str, torch.Tensor]]  # adapter -> tensor name -> tensor
+    operator_tensors: Mapping[str, torch.Tensor]
 
+    def check_against(self, composed: Any) -> None:
+        """Raise :class:`AdapterFileError` unless every tensor fits ``composed`` (names, shapes)."""
+        entries = self.manifest.get("adapters", {})
+        problems = []
+        for name, tensors in self.adapter_tensors.items():
+            problems += check_tensors(
+                f"adapter {name!r} ({entries[name]['file']})",
+                tensors,
+                composed.adapters[name].expected_shapes(),
+            )
+        expected_ops = {
+            f"{node}.{k}": tuple(v.shape)
+            for node, m in composed._rt.shared.items()
+            for k, v in m.state_dict().items()
+        }
+        problems += check_tensors("operators.safetensors", self.operator_tensors, expected_ops)
+        if problems:
+            raise AdapterFileError(
+                f"{self.directory} does not fit the composition it describes:\n  "
+                + "\n  ".join(problems)
+            )
+
+    def load_into(self, composed: Any) -> None:
+        """Check, then copy every tensor into ``composed``."""
+        self.check_against(composed)
+        for name, tensors in self.adapter_tensors.items():
+            composed.adapters[name].load_tensors(tensors)
+        load_operator_tensors(composed, self.operator_tensors)
+
+
+def read_composition(
+    directory: str | Path, model: nn.Module | None = None, *, check_base: bool = True
+) -> SavedComposition:
+    """Read and check a saved composition (against ``model``'s fingerprint when given)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    if check_base:
+    if check_base and model is not None:
         diffs = fingerprint_differences(manifest.get("base_model", {}), model)
         if diffs:
             raise AdapterFileError(
@@ -266,37 +210,11 @@ def load(
         if manifest.get("operators_file")
         else {}
     )
-    composed = compose(model, graph, registry=registry)
-    try:
-        problems = []
-        for name, tensors in files.items():
-            problems += check_tensors(
-                f"adapter {name!r} ({entries[name]['file']})",
-                tensors,
-                composed.adapters[name].expected_shapes(),
-            )
-        expected_ops = {
-            f"{node}.{k}": tuple(v.shape)
-            for node, m in composed._rt.shared.items()
-            for k, v in m.state_dict().items()
-        }
-        problems += check_tensors("operators.safetensors", op_tensors, expected_ops)
-        if problems:
-            raise AdapterFileError(
-                f"{directory} does not fit the composition it describes:\n  "
-                + "\n  ".join(problems)
-            )
-        for name, tensors in files.items():
-            composed.adapters[name].load_tensors(tensors)
-        _load_operator_tensors(composed, op_tensors)
-    except BaseException:
-        composed.undo()
-        raise
-    return composed
+    return SavedComposition(directory, manifest, graph, files, op_tensors)
 
 
 @torch.no_grad()
-def _load_operator_tensors(composed: Any, tensors: Mapping[str, torch.Tensor]) -> None:
+def load_operator_tensors(composed: Any, tensors: Mapping[str, torch.Tensor]) -> None:
     for node, module in composed._rt.shared.items():
         for k, v in module.state_dict(keep_vars=True).items():
             v.copy_(tensors[f"{node}.{k}"].to(dtype=v.dtype, device=v.device))

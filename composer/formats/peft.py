@@ -25,13 +25,16 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
-from registry import MethodRecord, Registry
-
-from .errors import AdapterFileError
-from .graph import Graph
-from .io import _contiguous, check_tensors, read_safetensors, write_directory_atomically
+from adapter_composer.errors import AdapterFileError
+from adapter_composer.formats.files import (
+    check_tensors,
+    contiguous,
+    read_safetensors,
+    write_directory_atomically,
+)
+from adapter_composer.pipeline.graph import Graph
+from adapter_composer.registry import MethodRecord, Registry, default_registry
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -131,8 +134,6 @@ def _method_for(registry: Registry, peft_type: str) -> MethodRecord:
 
 def read_peft(directory: str | Path, *, registry: Registry | None = None) -> PeftAdapter:
     """Read a PEFT adapter directory (without touching any model)."""
-    from .api import default_registry
-
     registry = registry or default_registry()
     directory = Path(directory)
     cfg_path = directory / CONFIG
@@ -161,28 +162,6 @@ def read_peft(directory: str | Path, *, registry: Registry | None = None) -> Pef
     return PeftAdapter(method.name, config, targets, tensors, directory)
 
 
-def from_peft(
-    model: nn.Module,
-    directory: str | Path,
-    name: str = "default",
-    *,
-    registry: Registry | None = None,
-) -> Any:
-    """Compose ``model`` with the PEFT adapter in ``directory`` under ``name``."""
-    from .api import compose
-
-    adapter = read_peft(directory, registry=registry)
-    graph = Graph()
-    adapter.declare(graph, name)
-    composed = compose(model, graph, registry=registry)
-    try:
-        adapter.load_into(composed, name)
-    except BaseException:
-        composed.undo()
-        raise
-    return composed
-
-
 def export_peft(composed: Any, name: str, directory: Path) -> Path:
     if name not in composed.adapters:
         raise KeyError(f"no adapter {name!r}; adapters: {sorted(composed.adapters)}")
@@ -206,7 +185,7 @@ def export_peft(composed: Any, name: str, directory: Path) -> Path:
         else join_tensors(handle, infos, codec.tensor_names)
     )
     peft_config = record.peft.to_peft(handle.config, infos)
-    tensors = _contiguous(tensors)
+    tensors = contiguous(tensors)
     files = {
         WEIGHTS: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
         CONFIG: json.dumps(peft_config, indent=2).encode(),

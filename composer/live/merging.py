@@ -23,10 +23,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .errors import ComposerError
-from .graph import Graph, OperatorSpec
-from .runtime.linear import Leaf, LinearSite, SiteView
-from .runtime.lowrank import lowrank_of
+from adapter_composer.errors import ComposerError
+from adapter_composer.pipeline.graph import Graph, OperatorSpec
+from adapter_composer.runtime.linear import Leaf, LinearSite, SiteView
+from adapter_composer.runtime.lowrank import lowrank_of
 
 Strategy = Literal["linear", "cat", "svd", "ties", "dare"]
 EXACT = {"linear", "cat"}
@@ -42,6 +42,7 @@ class MergeResult:
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # path -> ΔW [out, in]
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # path -> (A, B)
     errors: dict[str, float] = field(default_factory=dict)  # path -> ‖ΔW − Σ wᵢΔWᵢ‖_F / ‖Σ wᵢΔWᵢ‖_F
+    source: Any = field(default=None, repr=False)  # the composition merged (its class composes anew)
 
     @property
     def max_error(self) -> float:
@@ -59,8 +60,6 @@ class MergeResult:
 
     def compose(self, model: nn.Module, name: str = "merged", rank: int | None = None, registry: Any = None) -> Any:
         """Compose an unpatched ``model`` with one LoRA adapter holding this merged update."""
-        from .api import compose
-
         factors = self.lora_factors(rank)
         ranks = {path: a.shape[0] for path, (a, _) in factors.items()}
         r = max(ranks.values())
@@ -70,7 +69,8 @@ class MergeResult:
             rank_pattern={re.escape(p): k for p, k in ranks.items() if k != r},
             alpha_pattern={re.escape(p): float(k) for p, k in ranks.items() if k != r},
         )
-        composed = compose(model, g, registry=registry)
+        registry = registry if registry is not None else getattr(self.source, "registry", None)
+        composed = type(self.source).create(model, g, registry=registry)
         tensors = {}
         for path, (a, b) in factors.items():
             tensors[f"module.{path}.lora_A"] = a
@@ -143,7 +143,7 @@ def merge_sum(
         raise ComposerError("the svd strategy needs rank >= 1")
     if not 0 < density <= 1 or not 0 <= drop < 1:
         raise ComposerError("density must be in (0, 1] and drop in [0, 1)")
-    result = MergeResult(strategy, strategy in EXACT)
+    result = MergeResult(strategy, strategy in EXACT, source=composed)
     with torch.no_grad():
         for (path, family), site in composed._rt.sites.items():
             if family != "linear" or node not in {n.node for n in _opnodes(composed.plan.site(path, family).program)}:

@@ -38,7 +38,7 @@ def plot_graph(graph: Any, path: str | Path) -> Path:
     """Operators as boxes, adapters as ellipses labelled with their method; edges point to children."""
     import networkx as nx
 
-    from .graph import AdapterSpec
+    from adapter_composer.pipeline.graph import AdapterSpec
 
     plt = _pyplot()
     g = graph.nx

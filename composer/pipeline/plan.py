@@ -1,7 +1,7 @@
 """The plan: for every site, the ordered program of ops; frozen, JSON-serialisable, printable.
 
 A plan is a pure function of (graph, registry, model shapes). Building it changes nothing;
-``composer.apply`` is the only code that patches a model.
+``adapter_composer.pipeline.apply`` is the only code that patches a model.
 """
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .graph import AdapterSpec, Graph, OperatorSpec
-from .sites import SiteInfo
+from adapter_composer.pipeline.graph import AdapterSpec, Graph, OperatorSpec
+from adapter_composer.sites import SiteInfo, is_linear, linear_shape
+
+if TYPE_CHECKING:  # the analysis is made by validate, which compiles site programs with this module
+    from adapter_composer.pipeline.validate import Analysis
 
 
 @dataclass(frozen=True)
@@ -249,3 +252,43 @@ def compile_site(
     if len(progs) == 1:
         return progs[0]
     return OpNode("<roots>", "stack", tuple(progs), tuple(range(len(progs))), implicit=True)
+
+
+def make_plan(analysis: Analysis) -> Plan:
+    """The plan of a validated analysis (sites in the model's module order)."""
+    model = analysis.model
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    sites = []
+    for (path, family), prog in sorted(
+        analysis.programs.items(), key=lambda kv: (order.get(kv[0][0], -1), kv[0][1])
+    ):
+        module = model.get_submodule(path) if path else model
+        fan_in, fan_out = linear_shape(module) if is_linear(module) else (0, 0)
+        input_path = None
+        if family == "sublayer":
+            input_path = next(
+                (
+                    i.input_path
+                    for infos in analysis.sites.values()
+                    for i in infos
+                    if i.path == path
+                ),
+                None,
+            )
+        sites.append(
+            SitePlan(path, family, type(module).__name__, fan_in, fan_out, prog, input_path)
+        )
+    adapters = tuple(
+        AdapterPlan(
+            name=name,
+            method=analysis.methods[name].name,
+            plugin=analysis.methods[name].plugin,
+            config=analysis.configs[name].model_dump(mode="json"),
+            keys=tuple(s.key for s in analysis.sites.get(name, [])),
+        )
+        for name in analysis.graph.adapters
+        if name in analysis.methods
+    )
+    arch = analysis.resolver.arch if analysis.resolver else None
+    model_type = analysis.resolver.model_type if analysis.resolver else None
+    return Plan(model_type, arch.name if arch else None, adapters, tuple(sites))

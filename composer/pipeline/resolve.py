@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from registry import (
+from adapter_composer.pipeline.graph import AdapterSpec
+from adapter_composer.registry import (
     KINDS,
     ArchitectureRecord,
     Diagnostic,
@@ -20,9 +21,7 @@ from registry import (
     Slice,
     Sublayer,
 )
-
-from .graph import AdapterSpec
-from .sites import MODEL_FAMILIES, SiteInfo, is_linear, linear_shape
+from adapter_composer.sites import MODEL_FAMILIES, SiteInfo, is_linear, linear_shape
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import ComposerError
-from .heads import TaskHeads
-from .mixture import MixtureSampler, collate
-from .tasks import Task, check_tasks, metric_value
+from adapter_composer.errors import ComposerError
+from adapter_composer.workflow.heads import TaskHeads
+from adapter_composer.workflow.mixture import MixtureSampler, collate
+from adapter_composer.workflow.tasks import Task, check_tasks, metric_value
 
 CHECKPOINTS = "checkpoints"
 
@@ -186,7 +186,8 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, composed: Any, heads: nn.Module, optimizer: Any, scheduler: Any, sampler: MixtureSampler) -> int:
-    from .io import read_manifest, read_safetensors
+    from adapter_composer.formats.composition import read_manifest
+    from adapter_composer.formats.files import read_safetensors
 
     manifest = read_manifest(path / "composition")
     for name, entry in manifest["adapters"].items():
@@ -194,9 +195,9 @@ def load_checkpoint(path: Path, composed: Any, heads: nn.Module, optimizer: Any,
             raise ComposerError(f"checkpoint {path} holds adapter {name!r}, which this composition does not have")
         composed.replace_weights(name, read_safetensors(path / "composition" / entry["file"]))
     if manifest.get("operators_file"):
-        from .io import _load_operator_tensors
+        from adapter_composer.formats.composition import load_operator_tensors
 
-        _load_operator_tensors(composed, read_safetensors(path / "composition" / manifest["operators_file"]))
+        load_operator_tensors(composed, read_safetensors(path / "composition" / manifest["operators_file"]))
     heads.load_state_dict(load_file(str(path / "heads.safetensors")))
     trainer = json.loads((path / "trainer.json").read_text())
     tensors = load_file(str(path / "optimizer.safetensors"))

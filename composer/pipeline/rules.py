@@ -1,7 +1,7 @@
 """Per-site rules: method × operator refusals, ordering, commutation, conflicts.
 
 They run on the per-site programs compiled from the graph (so a rule sees exactly what will
-act at each site) and add to the analysis' diagnostics; see :mod:`composer.validate`.
+act at each site) and add to the analysis' diagnostics; see :mod:`adapter_composer.pipeline.validate`.
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from registry import Diagnostic
-
-from .plan import Leaf, OpNode, Program
+from adapter_composer.pipeline.plan import Leaf, OpNode, Program
+from adapter_composer.registry import Diagnostic
 
 # Pairs of kinds whose order at one site does not matter. Every other pair needs an order
 # declared by a stack (or a combination operator that defines the math).
