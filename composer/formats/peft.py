@@ -13,6 +13,17 @@ translates its config and its tensor names. A codec has:
 
 Tensors are grouped by *where* they belong: a module path (a site), ``"shared"`` (the
 adapter's shared module) or ``"model"`` (a model-level site). ``peft`` is never imported.
+
+Reading is strict (the directory is untrusted): ``adapter_config.json`` must be a JSON
+object read with :func:`adapter_composer.formats.files.parse_json`'s limits; codecs read
+its fields with the typed helpers of :mod:`adapter_composer.formats.peft_fields`
+(re-exported here); whatever a codec returns is checked against the method's schema with
+no coercion; tensors must be floating point and finite (``allow_nonfinite=True`` to load
+NaN/Inf anyway); and the shapes are compared with what the model would build, on the meta
+device, before anything is built (:meth:`PeftAdapter.check_fits`). Any failure, including
+one raised inside a third-party codec, is an :class:`AdapterFileError` naming the file.
+Writes are crash-safe (:func:`adapter_composer.formats.commit.commit_fixed_files`) and
+leave other files of the directory (PEFT's ``README.md``) alone.
 """
 
 from __future__ import annotations
@@ -25,13 +36,28 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
-from adapter_composer.errors import AdapterFileError
+from adapter_composer.errors import AdapterFileError, ComposerError, UnknownAdapterError
+from adapter_composer.formats.commit import commit_fixed_files, fixed_file_paths, state_of
 from adapter_composer.formats.files import (
+    NONFINITE_FIX,
     check_tensors,
+    check_values,
     contiguous,
-    read_safetensors,
-    write_directory_atomically,
+    inside,
+    load_safetensors_bytes,
+    member,
+    parse_json,
+    strict_problems,
+)
+from adapter_composer.formats.peft_fields import (
+    peft_bool,
+    peft_dict,
+    peft_float,
+    peft_int,
+    peft_str,
+    peft_strings,
 )
 from adapter_composer.pipeline.graph import Graph
 from adapter_composer.registry import MethodRecord, Registry, default_registry
@@ -56,11 +82,38 @@ class PeftAdapter:
         targets = list(self.targets) if self.targets else None
         return graph.adapter(name, self.method, targets=targets, **dict(self.config))
 
+    def neutral_tensors(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors under our architecture-neutral names, for an adapter whose sites have
+        ``keys`` (``layers.0.attn.q``, ``module.<path>``, ``model``)."""
+        tensors = {f"{key}.{t}": v for key in keys for t, v in self._for(key).items()}
+        tensors.update({f"shared.{t}": v for t, v in self.tensors.get("shared", {}).items()})
+        return tensors
+
+    def check_fits(self, model: nn.Module, name: str, registry: Registry | None = None) -> None:
+        """Compare the file's tensors with what declaring the adapter as ``name`` on ``model``
+        would build, planned on the meta device: nothing is built or allocated."""
+        from adapter_composer.pipeline.shapes import planned_shapes
+        from adapter_composer.pipeline.validate import analyse
+
+        graph = Graph()
+        self.declare(graph, name)
+        analysis = analyse(graph, registry or default_registry(), model)
+        if analysis.diagnostics:
+            return  # compose reports them, all at once
+        planned = planned_shapes(analysis)
+        if planned is None:
+            return  # not buildable on the meta device: checked after building
+        keys = [info.key for info in analysis.sites[name]]
+        problems = check_tensors(str(self.source), self.neutral_tensors(keys), planned.adapters[name])
+        if problems:
+            raise AdapterFileError(
+                "the PEFT adapter does not fit the model (nothing was built):\n  " + "\n  ".join(problems)
+            )
+
     def load_into(self, composed: Any, name: str) -> None:
         """Copy the weights into adapter ``name`` of ``composed`` (checked first)."""
         handle = composed.adapters[name]
-        tensors = {f"{key}.{t}": v for key in handle.modules for t, v in self._for(key).items()}
-        tensors.update({f"shared.{t}": v for t, v in self.tensors.get("shared", {}).items()})
+        tensors = self.neutral_tensors(list(handle.modules))
         problems = check_tensors(f"{self.source}", tensors, handle.expected_shapes())
         if problems:
             raise AdapterFileError(
@@ -80,12 +133,12 @@ def unsupported_options(
     of ``defaults`` set to something else (unset, ``None`` and empty count as default), and a
     ``bias`` other than "none"."""
     problems = [
-        f"{k}={peft[k]!r}"
+        f"{k}={peft[k]!r:.60}"
         for k, default in defaults.items()
         if peft.get(k, default) not in (default, None, [], {})
     ]
     if bias and peft.get("bias", "none") != "none":
-        problems.append(f"bias={peft['bias']!r}")
+        problems.append(f"bias={peft['bias']!r:.60}")
     return problems
 
 
@@ -132,39 +185,93 @@ def _method_for(registry: Registry, peft_type: str) -> MethodRecord:
     )
 
 
-def read_peft(directory: str | Path, *, registry: Registry | None = None) -> PeftAdapter:
-    """Read a PEFT adapter directory (without touching any model)."""
+def _read_pair(directory: Path) -> tuple[bytes, bytes]:
+    """The bytes of the config and the weights of one save (retried while a save runs)."""
+    names = (CONFIG, WEIGHTS)
+    for _ in range(5):
+        before = state_of(directory, names)
+        paths = fixed_file_paths(directory, names)
+        for name, path in paths.items():
+            what = f"the PEFT {'config' if name == CONFIG else 'weights'}"
+            if path.name == name:
+                member(directory, name, what)
+            else:  # the .new file of an unfinished commit (ours, unless someone forged a journal)
+                inside(directory, path, what)
+        if not paths[CONFIG].is_file():
+            raise AdapterFileError(f"{directory} holds no {CONFIG}; is it a PEFT adapter directory?")
+        if not paths[WEIGHTS].is_file():
+            pickled = [n for n in ("adapter_model.bin", "adapter_model.pt") if (directory / n).exists()]
+            hint = (
+                f" ({pickled[0]} is there, but pickles are never loaded: convert it to safetensors)"
+                if pickled
+                else ""
+            )
+            raise AdapterFileError(f"missing file {directory / WEIGHTS}{hint}")
+        try:
+            data = {name: path.read_bytes() for name, path in paths.items()}
+        except FileNotFoundError:
+            continue  # a save renamed a file under us
+        except OSError as exc:
+            raise AdapterFileError(f"cannot read {directory}: {exc}") from None
+        if state_of(directory, names) == before:
+            return data[CONFIG], data[WEIGHTS]
+    raise AdapterFileError(f"{directory} kept changing while it was read (concurrent saves?); try again")
+
+
+def _codec_call(method: MethodRecord, what: str, where: Path, fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except (ValueError, ComposerError) as exc:
+        raise AdapterFileError(f"{where}: {exc}") from None
+    except Exception as exc:  # a codec tripping over a value it did not expect
+        raise AdapterFileError(
+            f"{where}: the PEFT codec of method {method.name!r} (plugin {method.plugin!r}) failed in "
+            f"{what}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def read_peft(
+    directory: str | Path, *, registry: Registry | None = None, allow_nonfinite: bool = False
+) -> PeftAdapter:
+    """Read and check a PEFT adapter directory (without touching any model)."""
     registry = registry or default_registry()
     directory = Path(directory)
     cfg_path = directory / CONFIG
-    if not cfg_path.is_file():
-        raise AdapterFileError(f"{directory} holds no {CONFIG}; is it a PEFT adapter directory?")
-    try:
-        peft_config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{cfg_path} is not valid JSON: {exc}") from None
-    method = _method_for(registry, str(peft_config.get("peft_type")))
-    try:
-        config = method.peft.from_peft(peft_config)
-    except ValueError as exc:
-        raise AdapterFileError(f"{cfg_path}: {exc}") from None
-    raw = read_safetensors(directory / WEIGHTS)
+    config_bytes, weights_bytes = _read_pair(directory)
+    peft_config = parse_json(config_bytes, str(cfg_path))
+    if not isinstance(peft_config, dict):
+        raise AdapterFileError(f"{cfg_path} must hold a JSON object, not a {type(peft_config).__name__}")
+    peft_type = peft_config.get("peft_type")
+    if not isinstance(peft_type, str):
+        raise AdapterFileError(f"{cfg_path}: peft_type must be a string, got {peft_type!r:.60}")
+    method = _method_for(registry, peft_type)
     codec = method.peft
-    try:
-        tensors = (
-            codec.split_tensors(raw)
-            if hasattr(codec, "split_tensors")
-            else split_tensors(raw, codec.tensor_names)
+    config = _codec_call(method, "from_peft", cfg_path, codec.from_peft, peft_config)
+    if not isinstance(config, Mapping):
+        raise AdapterFileError(
+            f"{cfg_path}: the PEFT codec of method {method.name!r} (plugin {method.plugin!r}) "
+            f"returned {type(config).__name__} from from_peft, not a dict of config fields"
         )
-    except ValueError as exc:
-        raise AdapterFileError(f"{directory / WEIGHTS}: {exc}") from None
+    problems = strict_problems(method.config, config, f"{cfg_path} read as {method.name}")
+    if problems:
+        raise AdapterFileError("the PEFT config does not fit the method's schema:\n  " + "\n  ".join(problems))
+    raw = load_safetensors_bytes(weights_bytes, str(directory / WEIGHTS))
+    problems = check_values(str(directory / WEIGHTS), raw, allow_nonfinite)
+    if problems:
+        fix = "" if allow_nonfinite else f"\nIf non-finite values are intended, {NONFINITE_FIX}."
+        raise AdapterFileError("\n".join(problems) + fix)
+    split = codec.split_tensors if hasattr(codec, "split_tensors") else (lambda r: split_tensors(r, codec.tensor_names))
+    tensors = _codec_call(method, "split_tensors", directory / WEIGHTS, split, raw)
+    bad = [w for w in tensors if not isinstance(w, str) or w.startswith("re:")]
+    if bad:
+        raise AdapterFileError(f"{directory / WEIGHTS}: tensors name modules {bad[:3]!r:.80}, which are not module paths")
     targets = tuple(sorted(w for w in tensors if w not in ("shared", "model")))
-    return PeftAdapter(method.name, config, targets, tensors, directory)
+    return PeftAdapter(method.name, dict(config), targets, tensors, directory)
 
 
 def export_peft(composed: Any, name: str, directory: Path) -> Path:
     if name not in composed.adapters:
-        raise KeyError(f"no adapter {name!r}; adapters: {sorted(composed.adapters)}")
+        raise UnknownAdapterError(f"no adapter {name!r}; adapters: {sorted(composed.adapters)}")
     handle = composed.adapters[name]
     record = composed.registry.method(handle.method)
     if record.peft is None:
@@ -190,4 +297,23 @@ def export_peft(composed: Any, name: str, directory: Path) -> Path:
         WEIGHTS: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
         CONFIG: json.dumps(peft_config, indent=2).encode(),
     }
-    return write_directory_atomically(directory, files, CONFIG)
+    return commit_fixed_files(directory, files, CONFIG)  # weights first, the config last
+
+
+__all__ = [
+    "CONFIG",
+    "PREFIX",
+    "WEIGHTS",
+    "PeftAdapter",
+    "export_peft",
+    "join_tensors",
+    "peft_bool",
+    "peft_dict",
+    "peft_float",
+    "peft_int",
+    "peft_str",
+    "peft_strings",
+    "read_peft",
+    "split_tensors",
+    "unsupported_options",
+]

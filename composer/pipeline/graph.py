@@ -13,18 +13,37 @@ reports anything missing, cyclic or ill-typed, all at once.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import networkx as nx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from adapter_composer.errors import CompositionError
+from adapter_composer.errors import CompositionError, UnknownNodeError
 from adapter_composer.registry import Diagnostic
 
 FORMAT = "adapter-composer.graph"
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$"
 VERSION = 1
+MAX_DEPTH = 16  # how deeply a config or options value may nest lists and dicts
+
+
+def check_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Refuse NaN/±Inf anywhere in a config or options dict (``alpha=inf``, ``weights=[nan, 1]``
+    would give NaN outputs or a silently wrong model), and values nested too deeply."""
+    stack: list[tuple[str, Any, int]] = [(k, v, 1) for k, v in values.items()]
+    while stack:
+        where, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{where} nests more than {MAX_DEPTH} levels deep")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where} is {value}; values must be finite numbers")
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}", v, depth + 1) for k, v in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((f"{where}[{i}]", v, depth + 1) for i, v in enumerate(value))
+    return values
 
 
 class AdapterSpec(BaseModel):
@@ -43,6 +62,11 @@ class AdapterSpec(BaseModel):
     )
     config: dict[str, Any] = Field(default_factory=dict, description="the method's configuration")
 
+    @field_validator("config")
+    @classmethod
+    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_values(v)
+
 
 class OperatorSpec(BaseModel):
     """A composition node: an operator over child nodes (adapters or operators)."""
@@ -57,6 +81,11 @@ class OperatorSpec(BaseModel):
     )
     options: dict[str, Any] = Field(default_factory=dict, description="the operator's options")
 
+    @field_validator("options")
+    @classmethod
+    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_values(v)
+
 
 Spec = AdapterSpec | OperatorSpec
 
@@ -65,10 +94,28 @@ class Node(str):
     """The name of a node, returned by the declaring call; usable wherever a name is."""
 
 
+def _as_tuple(value: Any) -> Any:
+    """``tuple(value)`` for an iterable (not a string), else ``value`` itself for the schema to refuse."""
+    if value is None or isinstance(value, str | bytes):
+        return value
+    try:
+        return tuple(value)
+    except TypeError:
+        return value
+
+
 def _name_of(item: Any) -> str:
     if isinstance(item, str):
         return str(item)
-    raise TypeError(f"expected a node name or a node returned by Graph, got {item!r}")
+    raise CompositionError(
+        [
+            Diagnostic(
+                code="bad-node",
+                message=f"expected a node name or a node returned by Graph, got {item!r:.80}",
+                fix="pass the names (or the values g.adapter(...) returned) of declared nodes",
+            )
+        ]
+    )
 
 
 class Graph:
@@ -97,8 +144,8 @@ class Graph:
             AdapterSpec,
             name=name,
             method=method,
-            targets=None if targets is None else tuple(targets),
-            layers=None if layers is None else tuple(layers),
+            targets=_as_tuple(targets),
+            layers=_as_tuple(layers),
             config=config,
         )
         return self._add(spec)
@@ -150,6 +197,16 @@ class Graph:
 
     def route(self, table: Mapping[str, Any], *, name: str | None = None, **options: Any) -> Node:
         """Per-example selection by key: ``{"sst2": "sst2_lora", "mrpc": "mrpc_lora"}``."""
+        if not isinstance(table, Mapping):
+            raise CompositionError(
+                [
+                    Diagnostic(
+                        code="bad-node",
+                        message=f"route() takes a mapping key -> child, got {type(table).__name__}",
+                        fix='g.route({"sst2": "sst2_lora", "mrpc": "mrpc_lora"})',
+                    )
+                ]
+            )
         return self.op("route", *table.values(), keys=list(table.keys()), name=name, **options)
 
     def _add(self, spec: Spec) -> Node:
@@ -165,7 +222,7 @@ class Graph:
     def remove(self, name: str) -> None:
         """Remove a node (operators referring to it then report it missing at validation)."""
         if name not in self._specs:
-            raise KeyError(f"no node named {name!r}; nodes: {list(self._specs)}")
+            raise UnknownNodeError(f"no node named {name!r}; nodes: {list(self._specs)}")
         del self._specs[name]
         if self._g.has_node(name):
             parents = list(self._g.predecessors(name))
@@ -176,7 +233,7 @@ class Graph:
     def replace(self, spec: Spec) -> None:
         """Replace the spec of an existing node with one of the same name."""
         if spec.name not in self._specs:
-            raise KeyError(f"no node named {spec.name!r}")
+            raise UnknownNodeError(f"no node named {spec.name!r}; nodes: {list(self._specs)}")
         old = self._specs[spec.name]
         if isinstance(old, OperatorSpec):
             for child in old.children:
@@ -198,8 +255,8 @@ class Graph:
     def spec(self, name: str) -> Spec:
         try:
             return self._specs[name]
-        except KeyError:
-            raise KeyError(f"no node named {name!r}; nodes: {list(self._specs)}") from None
+        except (KeyError, TypeError):
+            raise UnknownNodeError(f"no node named {name!r}; nodes: {list(self._specs)}") from None
 
     @property
     def specs(self) -> dict[str, Spec]:
@@ -269,6 +326,9 @@ class Graph:
 
     @classmethod
     def from_dict(cls, data: Any) -> Graph:
+        """A graph from :meth:`to_dict`'s output (e.g. parsed JSON), checked strictly: every
+        field has its declared type, nothing is coerced (``"layers": ["1"]`` or ``[true]`` is
+        refused, not read as ``[1]``), and unknown keys are refused."""
         problems: list[Diagnostic] = []
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CompositionError(
@@ -284,37 +344,25 @@ class Graph:
             problems.append(
                 Diagnostic(
                     code="bad-graph-file",
-                    message=f"graph format version {data.get('version')!r} is not supported (this library reads {VERSION})",
+                    message=f"graph format version {data.get('version')!r:.40} is not supported (this library reads {VERSION})",
                     fix="upgrade adapter-composer",
                 )
             )
-        graph = cls()
-        for i, raw in enumerate(data.get("nodes", [])):
-            kind = raw.get("type") if isinstance(raw, dict) else None
-            model = (
-                AdapterSpec if kind == "adapter" else OperatorSpec if kind == "operator" else None
+        extra = sorted(str(k) for k in data if k not in ("format", "version", "nodes"))
+        if extra:
+            problems.append(
+                Diagnostic(code="bad-graph-file", message=f"unknown top-level keys {extra[:5]}")
             )
-            if model is None:
-                problems.append(
-                    Diagnostic(
-                        code="bad-graph-file",
-                        message=f"node #{i} has type {kind!r}; expected 'adapter' or 'operator'",
-                    )
-                )
-                continue
-            try:
-                spec = model.model_validate(raw)
-            except ValidationError as exc:
-                detail = "; ".join(
-                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-                )
-                problems.append(
-                    Diagnostic(
-                        code="bad-graph-file",
-                        message=f"node #{i}: {detail}",
-                        nodes=(str(raw.get("name", "?")),),
-                    )
-                )
+        nodes = data.get("nodes", [])
+        if not isinstance(nodes, list):
+            nodes = []
+            problems.append(
+                Diagnostic(code="bad-graph-file", message="'nodes' must be a list of node objects")
+            )
+        graph = cls()
+        for i, raw in enumerate(nodes):
+            spec = _node_from_dict(i, raw, problems)
+            if spec is None:
                 continue
             if spec.name in graph._specs:
                 problems.append(duplicate_diagnostic(spec.name, graph._specs[spec.name]))
@@ -328,7 +376,12 @@ class Graph:
     def from_json(cls, text: str) -> Graph:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except RecursionError:
+            raise CompositionError(
+                [Diagnostic(code="bad-graph-file", message="graph JSON nests too deeply to read")],
+                "reading a graph",
+            ) from None
+        except (json.JSONDecodeError, TypeError) as exc:
             raise CompositionError(
                 [Diagnostic(code="bad-graph-file", message=f"graph JSON does not parse: {exc}")],
                 "reading a graph",
@@ -336,18 +389,48 @@ class Graph:
         return cls.from_dict(data)
 
 
+def _node_from_dict(i: int, raw: Any, problems: list[Diagnostic]) -> Spec | None:
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    model = AdapterSpec if kind == "adapter" else OperatorSpec if kind == "operator" else None
+    if model is None:
+        problems.append(
+            Diagnostic(
+                code="bad-graph-file",
+                message=f"node #{i} has type {kind!r:.40}; expected 'adapter' or 'operator'",
+            )
+        )
+        return None
+    name = raw.get("name")
+    nodes = (name,) if isinstance(name, str) and len(name) <= 100 else ()
+    try:
+        text = json.dumps(raw, allow_nan=False)
+        return model.model_validate_json(text, strict=True)
+    except ValidationError as exc:
+        detail = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:6]
+        )
+    except (TypeError, ValueError, RecursionError) as exc:
+        detail = f"not plain JSON values (NaN and Infinity are refused): {exc}"
+    problems.append(Diagnostic(code="bad-graph-file", message=f"node #{i}: {detail}", nodes=nodes))
+    return None
+
+
 def _spec(model: type, **fields: Any) -> Spec:
     try:
         return model(**fields)
     except ValidationError as exc:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        errors = exc.errors()
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+        first = errors[0]["loc"][0] if errors and errors[0]["loc"] else None
+        code = {"config": "bad-config", "options": "bad-options"}.get(first, "bad-node")
         raise CompositionError(
             [
                 Diagnostic(
-                    code="bad-node",
+                    code=code,
                     message=f"cannot declare {fields.get('name')!r}: {detail}",
                     nodes=(str(fields.get("name")),),
-                    rule="names use letters, digits, '_' and '-'; targets are strings; layers are integers",
+                    rule="names use letters, digits, '_' and '-'; targets are strings; layers are "
+                    "integers; config and option values are finite",
                 )
             ]
         ) from None
