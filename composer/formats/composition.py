@@ -228,6 +228,7 @@ def _read_once(
     registry: Registry,
     check_base: bool,
     allow_nonfinite: bool,
+    only: str | None,
 ) -> SavedComposition:
     data = read_manifest_bytes(directory)
     manifest = parse_manifest(data, directory / MANIFEST)
@@ -251,8 +252,8 @@ def _read_once(
     problems = graph_config_problems(graph, registry)
     if problems:
         raise _fail(directory / MANIFEST, problems, "holds values that do not fit their schemas (nothing is coerced)")
-    files = {name: entry.file for name, entry in manifest.adapters.items()}
-    if manifest.operators_file is not None:
+    files = {name: entry.file for name, entry in manifest.adapters.items() if only in (None, name)}
+    if manifest.operators_file is not None and only is None:
         files[""] = manifest.operators_file
     paths = {name: member(directory, f, MANIFEST) for name, f in files.items()}
     try:
@@ -260,7 +261,7 @@ def _read_once(
         problems = [p for name, h in headers.items() for p in check_dtypes(files[name], h)]
         if problems:
             raise _fail(directory, problems, "holds tensors of the wrong type")
-        if model is not None:
+        if model is not None and only is None:
             _check_planned(directory, manifest, graph, registry, model, headers)
         tensors = {name: read_safetensors(path) for name, path in paths.items()}
     except AdapterFileError:
@@ -282,13 +283,15 @@ def read_composition(
     check_base: bool = True,
     registry: Registry | None = None,
     allow_nonfinite: bool = False,
+    only: str | None = None,
 ) -> SavedComposition:
-    """Read and check a saved composition (against ``model`` when given; see the module docstring)."""
+    """Read and check a saved composition (against ``model`` when given; see the module
+    docstring). ``only``: read the weights of that adapter alone (for a hot swap)."""
     directory = Path(directory)
     registry = registry or default_registry()
     for _ in range(3):
         try:
-            return _read_once(directory, model, registry, check_base, allow_nonfinite)
+            return _read_once(directory, model, registry, check_base, allow_nonfinite, only)
         except _Changed:
             continue
     raise AdapterFileError(f"{directory} kept changing while it was read (concurrent saves?); try again")

@@ -259,13 +259,18 @@ NONFINITE_FIX = "pass allow_nonfinite=True to load them anyway"
 
 
 def strict_problems(schema: type, values: Mapping[str, Any], what: str) -> list[str]:
-    """Why ``values`` do not fit the pydantic ``schema`` *without coercion* (``"false"`` is not
-    a bool, ``8.0`` not an int, ``true`` not a number), as readable lines; JSON semantics, so
-    a list fits a tuple field."""
+    """The values the pydantic ``schema`` would accept only by *coercing* them (``"false"`` is
+    not a bool, ``8.0`` not an int, ``true`` not a number), as readable lines; JSON semantics,
+    so a list fits a tuple field. Values the schema refuses anyway are left to validation,
+    which reports them as ``bad-config`` / ``bad-options`` diagnostics."""
     try:
         text = json.dumps(dict(values), allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
         return [f"{what}: not plain JSON values: {exc}"]
+    try:
+        schema.model_validate(dict(values))
+    except Exception:
+        return []  # refused without coercion too: validation names the fields
     try:
         schema.model_validate_json(text, strict=True)
     except ValidationError as exc:

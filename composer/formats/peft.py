@@ -38,7 +38,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from adapter_composer.errors import AdapterFileError, ComposerError, UnknownAdapterError
+from adapter_composer.errors import (
+    AdapterFileError,
+    ComposerError,
+    CompositionError,
+    UnknownAdapterError,
+)
 from adapter_composer.formats.commit import commit_fixed_files, fixed_file_paths, state_of
 from adapter_composer.formats.files import (
     NONFINITE_FIX,
@@ -99,7 +104,7 @@ class PeftAdapter:
         self.declare(graph, name)
         analysis = analyse(graph, registry or default_registry(), model)
         if analysis.diagnostics:
-            return  # compose reports them, all at once
+            raise CompositionError(analysis.diagnostics, f"the PEFT adapter in {self.source}")
         planned = planned_shapes(analysis)
         if planned is None:
             return  # not buildable on the meta device: checked after building

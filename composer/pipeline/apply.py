@@ -250,7 +250,7 @@ def _generate_with_route(generate):
     def wrapper(*args, route=None, **kwargs):
         if route is None:
             return generate(*args, **kwargs)
-        token = ROUTE.set(route if isinstance(route, str) else tuple(route))
+        token = ROUTE.set(tuple(route) if isinstance(route, list | tuple) else route)  # the hook checks it
         try:
             return generate(*args, **kwargs)
         finally:

@@ -138,17 +138,7 @@ class Graph:
         **config: Any,
     ) -> Node:
         """Declare an adapter ``name`` of ``method``; keyword arguments are its config."""
-        if isinstance(targets, str):
-            targets = [targets]
-        spec = _spec(
-            AdapterSpec,
-            name=name,
-            method=method,
-            targets=_as_tuple(targets),
-            layers=_as_tuple(layers),
-            config=config,
-        )
-        return self._add(spec)
+        return self._add(adapter_spec(name, method, targets, layers, config))
 
     def op(
         self,
@@ -413,6 +403,27 @@ def _node_from_dict(i: int, raw: Any, problems: list[Diagnostic]) -> Spec | None
         detail = f"not plain JSON values (NaN and Infinity are refused): {exc}"
     problems.append(Diagnostic(code="bad-graph-file", message=f"node #{i}: {detail}", nodes=nodes))
     return None
+
+
+def adapter_spec(
+    name: str,
+    method: str,
+    targets: Sequence[str] | str | None = None,
+    layers: Iterable[int] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> AdapterSpec:
+    """An :class:`AdapterSpec`, or a :class:`CompositionError` (``bad-node``, ``bad-config``)
+    naming what does not fit; what :meth:`Graph.adapter` declares."""
+    if isinstance(targets, str):
+        targets = [targets]
+    return _spec(
+        AdapterSpec,
+        name=name,
+        method=method,
+        targets=_as_tuple(targets),
+        layers=_as_tuple(layers),
+        config=dict(config or {}),
+    )
 
 
 def _spec(model: type, **fields: Any) -> Spec:
