@@ -49,8 +49,8 @@ from adapter_composer.formats.manifest import (
     Manifest,
     fingerprint,
     fingerprint_differences,
+    load_manifest,
     parse_manifest,
-    read_manifest,
     read_manifest_bytes,
     referenced_files,
 )
@@ -295,6 +295,12 @@ def read_composition(
         except _Changed:
             continue
     raise AdapterFileError(f"{directory} kept changing while it was read (concurrent saves?); try again")
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The checked manifest of a saved composition directory, as a dict (``composition.json``
+    as written; file names are plain names inside the directory)."""
+    return load_manifest(directory).model_dump(by_alias=True)
 
 
 @torch.no_grad()

@@ -89,6 +89,13 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows (non-finite values are refused)")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is not a number JSON allows here: it overflows to infinity (non-finite values are refused)")
+    return value
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -122,7 +129,9 @@ def parse_json(data: bytes, where: str) -> Any:
         raise AdapterFileError(f"{where} is {len(data):,} bytes; at most {MAX_JSON_BYTES:,} are read")
     try:
         text = data.decode("utf-8")
-        value = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+        value = json.loads(
+            text, parse_constant=_no_constants, parse_float=_finite_float, object_pairs_hook=_no_duplicates
+        )
     except (UnicodeDecodeError, ValueError) as exc:
         raise AdapterFileError(f"{where} is not valid JSON: {exc}") from None
     except RecursionError:

@@ -117,7 +117,7 @@ def read_manifest_bytes(directory: Path) -> bytes:
         raise AdapterFileError(f"cannot read {path}: {exc}") from None
 
 
-def read_manifest(directory: str | Path) -> Manifest:
+def load_manifest(directory: str | Path) -> Manifest:
     """The checked manifest of a saved composition directory."""
     directory = Path(directory)
     return parse_manifest(read_manifest_bytes(directory), directory / MANIFEST)
@@ -127,7 +127,7 @@ def referenced_files(directory: Path) -> set[str]:
     """File names the manifest in ``directory`` names (empty when there is none or it does not
     parse): the files a new save must not remove before its own commit."""
     try:
-        return set(read_manifest(directory).files().values())
+        return set(load_manifest(directory).files().values())
     except AdapterFileError:
         return set()
 
@@ -189,6 +189,6 @@ __all__ = [
     "fingerprint",
     "fingerprint_differences",
     "parse_manifest",
-    "read_manifest",
+    "load_manifest",
     "referenced_files",
 ]

@@ -252,7 +252,7 @@ def load_adapter(composed: Any, directory: str | Path, *, name: str, route: str,
     read and checked as :func:`adapter_composer.load` checks it, and the adapter built and
     loaded, before the composition changes."""
     from adapter_composer.formats.composition import read_composition
-    from adapter_composer.formats.manifest import MANIFEST, read_manifest
+    from adapter_composer.formats.manifest import MANIFEST, load_manifest
     from adapter_composer.formats.peft import CONFIG, read_peft
 
     if not isinstance(key, str):
@@ -264,7 +264,7 @@ def load_adapter(composed: Any, directory: str | Path, *, name: str, route: str,
         return _commit(composed, staged, route, key)
     if not (directory / MANIFEST).is_file():
         raise AdapterFileError(f"{directory} is neither a PEFT adapter nor a saved composition")
-    nodes = sorted(read_manifest(directory).adapters)
+    nodes = sorted(load_manifest(directory).adapters)
     pick = adapter or (name if name in nodes else (nodes[0] if len(nodes) == 1 else None))
     if pick not in nodes:
         raise HotSwapError(f"choose adapter= among {nodes} in {directory}")
