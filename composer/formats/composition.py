@@ -33,10 +33,10 @@ from adapter_composer.errors import AdapterFileError, CompositionError
 from adapter_composer.formats.commit import commit_with_manifest, new_token
 from adapter_composer.formats.files import (
     NONFINITE_FIX,
-    check_dtypes,
     check_finite,
-    check_tensors,
+    check_fit,
     contiguous,
+    dtypes,
     member,
     read_safetensors,
     strict_problems,
@@ -82,12 +82,12 @@ def _normalized(values: Mapping[str, Any], validated: Any) -> dict[str, Any]:
 
 def _saved_graph(composed: Any) -> dict[str, Any]:
     data = composed.graph.to_dict()
-    analysis = composed._analysis
     for node in data["nodes"]:
         if node["type"] == "adapter":
-            node["config"] = _normalized(node["config"], analysis.configs.get(node["name"]))
+            handle = composed.adapters.get(node["name"])
+            node["config"] = _normalized(node["config"], handle.config if handle is not None else None)
         else:
-            node["options"] = _normalized(node["options"], analysis.options.get(node["name"]))
+            node["options"] = _normalized(node["options"], composed._analysis.options.get(node["name"]))
     return data
 
 
@@ -165,17 +165,12 @@ class SavedComposition:
         """Raise :class:`AdapterFileError` unless every tensor fits ``composed`` (names, shapes)."""
         problems = []
         for name, tensors in self.adapter_tensors.items():
-            problems += check_tensors(
-                f"adapter {name!r} ({self.manifest.adapters[name].file})",
-                tensors,
-                composed.adapters[name].expected_shapes(),
-            )
-        expected_ops = {
-            f"{node}.{k}": tuple(v.shape)
-            for node, m in composed._rt.shared.items()
-            for k, v in m.state_dict().items()
-        }
-        problems += check_tensors(self._operators_file(), self.operator_tensors, expected_ops)
+            handle = composed.adapters[name]
+            where = f"adapter {name!r} ({self.manifest.adapters[name].file})"
+            problems += check_fit(where, tensors, handle.expected_shapes(), dtypes(handle.state_dict()))
+        ops = {f"{node}.{k}": v for node, m in composed._rt.shared.items() for k, v in m.state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in ops.items()}
+        problems += check_fit(self._operators_file(), self.operator_tensors, shapes, dtypes(ops))
         if problems:
             raise AdapterFileError(
                 f"{self.directory} does not fit the composition it describes:\n  "
@@ -210,10 +205,10 @@ def _check_planned(directory: Path, manifest: Manifest, graph: Graph, registry: 
         return  # a method that cannot build on the meta device: checked after building
     problems = []
     for name, entry in manifest.adapters.items():
-        problems += check_tensors(f"adapter {name!r} ({entry.file})", headers[name], planned.adapters[name])
-    problems += check_tensors(
-        manifest.operators_file or "operators (no file)", headers.get("", {}), planned.operators
-    )
+        where = f"adapter {name!r} ({entry.file})"
+        problems += check_fit(where, headers[name], planned.adapters[name], planned.adapter_dtypes[name])
+    where = manifest.operators_file or "operators (no file)"
+    problems += check_fit(where, headers.get("", {}), planned.operators, planned.operator_dtypes)
     if problems:
         raise _fail(directory, problems, "does not fit the composition it describes (nothing was built)")
 
@@ -258,9 +253,6 @@ def _read_once(
     paths = {name: member(directory, f, MANIFEST) for name, f in files.items()}
     try:
         headers = {name: tensor_headers(path, f"adapter {name!r}") for name, path in paths.items()}
-        problems = [p for name, h in headers.items() for p in check_dtypes(files[name], h)]
-        if problems:
-            raise _fail(directory, problems, "holds tensors of the wrong type")
         if model is not None and only is None:
             _check_planned(directory, manifest, graph, registry, model, headers)
         tensors = {name: read_safetensors(path) for name, path in paths.items()}

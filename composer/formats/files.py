@@ -172,7 +172,12 @@ def tensor_headers(path: Path, what: str) -> dict[str, tuple[torch.dtype | str, 
         ) from None
 
 
-_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_DTYPES = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
 
 
 def _dtype(name: str) -> torch.dtype | str:
@@ -234,17 +239,32 @@ def check_tensors(
     return problems
 
 
-def check_dtypes(where: str, tensors: Mapping[str, Any]) -> list[str]:
-    """Tensors (or headers) that are not floating point: adapter weights never are integers
-    or booleans, and casting them silently would change the model."""
-    bad = []
-    for k, v in sorted(tensors.items()):
-        dtype = v.dtype if isinstance(v, torch.Tensor) else v[0]
-        if dtype not in FLOATING:
-            bad.append(f"{k} ({str(dtype).replace('torch.', '')})")
+def dtype_of(value: Any) -> torch.dtype | str:
+    return value.dtype if isinstance(value, torch.Tensor) else value[0]
+
+
+def check_dtypes(
+    where: str, tensors: Mapping[str, Any], expected: Mapping[str, torch.dtype]
+) -> list[str]:
+    """Tensors (or headers) whose dtype does not fit the module's: a floating-point tensor goes
+    into any floating-point parameter (cast, as PEFT does), anything else only as exactly
+    that dtype (LoftQ's uint8 codes). An integer or bool tensor is never cast into a float
+    parameter, nor a float into an integer buffer, silently."""
+    bad, floats = [], True
+    for k in sorted(set(tensors) & set(expected)):
+        got, want = dtype_of(tensors[k]), expected[k]
+        if got == want or (got in FLOATING and want.is_floating_point):
+            continue
+        floats = floats and want.is_floating_point
+        bad.append(f"{k} ({str(got).replace('torch.', '')} for a {str(want).replace('torch.', '')} tensor)")
     if not bad:
         return []
-    return [f"{where}: tensors {_listed(bad)} are not floating point; adapter weights are float16, bfloat16, float32 or float64"]
+    what = "not floating point" if floats else "not of the module's dtype"
+    return [f"{where}: tensors {_listed(bad)} are {what}; adapter weights are not cast between kinds"]
+
+
+def dtypes(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.dtype]:
+    return {k: v.dtype for k, v in tensors.items()}
 
 
 def check_finite(where: str, tensors: Mapping[str, torch.Tensor]) -> list[str]:
@@ -259,9 +279,19 @@ def check_finite(where: str, tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return [f"{where}: tensors {_listed(bad)} hold NaN or infinite values"]
 
 
-def check_values(where: str, tensors: Mapping[str, torch.Tensor], allow_nonfinite: bool) -> list[str]:
-    """:func:`check_dtypes`, then :func:`check_finite` unless ``allow_nonfinite``."""
-    return check_dtypes(where, tensors) + ([] if allow_nonfinite else check_finite(where, tensors))
+def check_fit(
+    where: str,
+    tensors: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    kinds: Mapping[str, torch.dtype],
+    allow_nonfinite: bool = True,
+) -> list[str]:
+    """Names and shapes (:func:`check_tensors`), dtypes (:func:`check_dtypes`) and, for real
+    tensors unless ``allow_nonfinite``, values (:func:`check_finite`)."""
+    problems = check_tensors(where, tensors, shapes) + check_dtypes(where, tensors, kinds)
+    if not allow_nonfinite and all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        problems += check_finite(where, tensors)
+    return problems
 
 
 NONFINITE_FIX = "pass allow_nonfinite=True to load them anyway"

@@ -47,9 +47,10 @@ from adapter_composer.errors import (
 from adapter_composer.formats.commit import commit_fixed_files, fixed_file_paths, state_of
 from adapter_composer.formats.files import (
     NONFINITE_FIX,
-    check_tensors,
-    check_values,
+    check_finite,
+    check_fit,
     contiguous,
+    dtypes,
     inside,
     load_safetensors_bytes,
     member,
@@ -109,7 +110,8 @@ class PeftAdapter:
         if planned is None:
             return  # not buildable on the meta device: checked after building
         keys = [info.key for info in analysis.sites[name]]
-        problems = check_tensors(str(self.source), self.neutral_tensors(keys), planned.adapters[name])
+        tensors = self.neutral_tensors(keys)
+        problems = check_fit(str(self.source), tensors, planned.adapters[name], planned.adapter_dtypes[name])
         if problems:
             raise AdapterFileError(
                 "the PEFT adapter does not fit the model (nothing was built):\n  " + "\n  ".join(problems)
@@ -119,7 +121,7 @@ class PeftAdapter:
         """Copy the weights into adapter ``name`` of ``composed`` (checked first)."""
         handle = composed.adapters[name]
         tensors = self.neutral_tensors(list(handle.modules))
-        problems = check_tensors(f"{self.source}", tensors, handle.expected_shapes())
+        problems = check_fit(str(self.source), tensors, handle.expected_shapes(), dtypes(handle.state_dict()))
         if problems:
             raise AdapterFileError(
                 "the PEFT adapter does not fit the model:\n  " + "\n  ".join(problems)
@@ -261,7 +263,7 @@ def read_peft(
     if problems:
         raise AdapterFileError("the PEFT config does not fit the method's schema:\n  " + "\n  ".join(problems))
     raw = load_safetensors_bytes(weights_bytes, str(directory / WEIGHTS))
-    problems = check_values(str(directory / WEIGHTS), raw, allow_nonfinite)
+    problems = [] if allow_nonfinite else check_finite(str(directory / WEIGHTS), raw)
     if problems:
         fix = "" if allow_nonfinite else f"\nIf non-finite values are intended, {NONFINITE_FIX}."
         raise AdapterFileError("\n".join(problems) + fix)

@@ -30,7 +30,7 @@ from adapter_composer.errors import (
     UnknownAdapterError,
     WeightsError,
 )
-from adapter_composer.formats.files import check_tensors, check_values
+from adapter_composer.formats.files import check_fit, dtypes
 from adapter_composer.live.handles import AdapterHandle
 from adapter_composer.pipeline.apply import Runtime, _leaf, build_adapter
 from adapter_composer.pipeline.graph import AdapterSpec, OperatorSpec, adapter_spec
@@ -62,11 +62,12 @@ class _Staged:
 
 
 def _tensor_problems(
-    where: str, tensors: Any, expected: Mapping[str, tuple[int, ...]], allow_nonfinite: bool = False
+    where: str, tensors: Any, shapes: Mapping[str, tuple[int, ...]], kinds: Mapping[str, torch.dtype]
 ) -> list[str]:
+    """Names, shapes, dtypes and values (NaN/Inf are never hot-swapped in)."""
     if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         return [f"{where}: tensors must be a mapping of names to torch tensors"]
-    return check_tensors(where, tensors, expected) or check_values(where, tensors, allow_nonfinite)
+    return check_fit(where, tensors, shapes, kinds, allow_nonfinite=False)
 
 
 def _refuse(problems: list[str], source: Path | None) -> ComposerError:
@@ -119,7 +120,7 @@ def _stage(
     if given is not None:  # shapes first, planned on the meta device: nothing is allocated yet
         planned = planned_shapes(scratch, [name])
         if planned is not None:
-            problems = _tensor_problems(f"adapter {name!r}", given, planned.adapters[name])
+            problems = _tensor_problems(f"adapter {name!r}", given, planned.adapters[name], planned.adapter_dtypes[name])
             if problems:
                 raise _refuse(problems, source)
     rt = Runtime()
@@ -136,7 +137,7 @@ def _stage(
         leaves[where] = leaf
     handle = AdapterHandle(name, record.name, cfg, rt.adapters[name], rt.method_shared.get(name))
     if given is not None:
-        problems = _tensor_problems(f"adapter {name!r}", given, handle.expected_shapes())
+        problems = _tensor_problems(f"adapter {name!r}", given, handle.expected_shapes(), dtypes(handle.state_dict()))
         if problems:
             raise _refuse(problems, source)
         handle.load_tensors(given)
@@ -240,7 +241,7 @@ def replace_weights(composed: Any, name: str, tensors: Mapping[str, torch.Tensor
     Names, shapes, dtypes (floating point) and values (finite) are checked first."""
     _known(composed, name)
     handle = composed.adapters[name]
-    problems = _tensor_problems(f"adapter {name!r}", tensors, handle.expected_shapes())
+    problems = _tensor_problems(f"adapter {name!r}", tensors, handle.expected_shapes(), dtypes(handle.state_dict()))
     if problems:
         raise _refuse(problems, None)
     handle.load_tensors(tensors)

@@ -31,15 +31,15 @@ class PlannedShapes:
 
     adapters: Mapping[str, Mapping[str, tuple[int, ...]]]
     operators: Mapping[str, tuple[int, ...]]
+    adapter_dtypes: Mapping[str, Mapping[str, torch.dtype]]
+    operator_dtypes: Mapping[str, torch.dtype]
 
 
-def adapter_tensor_shapes(
-    modules: Mapping[str, nn.Module], shared: nn.Module | None
-) -> dict[str, tuple[int, ...]]:
-    """``<site key>.<param>`` (and ``shared.<param>``) -> shape, as an adapter's tensors are named."""
-    out = {f"{key}.{k}": tuple(v.shape) for key, m in modules.items() for k, v in m.state_dict().items()}
+def adapter_tensors(modules: Mapping[str, nn.Module], shared: nn.Module | None) -> dict[str, torch.Tensor]:
+    """``<site key>.<param>`` (and ``shared.<param>``) -> tensor, as an adapter's tensors are named."""
+    out = {f"{key}.{k}": v for key, m in modules.items() for k, v in m.state_dict().items()}
     if shared is not None:
-        out.update({f"shared.{k}": tuple(v.shape) for k, v in shared.state_dict().items()})
+        out.update({f"shared.{k}": v for k, v in shared.state_dict().items()})
     return out
 
 
@@ -77,11 +77,14 @@ def planned_shapes(analysis: Any, names: list[str] | None = None) -> PlannedShap
                     build_node(meta, rt, sp.program, sp, CallState(), info)
     except Exception:  # not meta-friendly: the caller checks the real modules after building
         return None
-    adapters = {n: adapter_tensor_shapes(rt.adapters[n], rt.method_shared.get(n)) for n in names}
-    operators = {
-        f"{node}.{k}": tuple(v.shape) for node, m in rt.shared.items() for k, v in m.state_dict().items()
-    }
-    return PlannedShapes(adapters, operators)
+    adapters = {n: adapter_tensors(rt.adapters[n], rt.method_shared.get(n)) for n in names}
+    operators = {f"{node}.{k}": v for node, m in rt.shared.items() for k, v in m.state_dict().items()}
+    return PlannedShapes(
+        {n: {k: tuple(v.shape) for k, v in t.items()} for n, t in adapters.items()},
+        {k: tuple(v.shape) for k, v in operators.items()},
+        {n: {k: v.dtype for k, v in t.items()} for n, t in adapters.items()},
+        {k: v.dtype for k, v in operators.items()},
+    )
 
 
-__all__ = ["PlannedShapes", "adapter_tensor_shapes", "meta_site", "planned_shapes"]
+__all__ = ["PlannedShapes", "adapter_tensors", "meta_site", "planned_shapes"]

@@ -51,11 +51,12 @@ def _check(records: list[dict], our_files) -> None:
 def test_composition_save_survives_a_kill_at_every_step(tmp_path):
     def one_save(left):
         tokens = {name.split(".")[-2] for name in left if name.endswith(".safetensors")}
-        return (
-            len(tokens) == 1
-            and sorted(n.replace(tokens.pop(), "T") for n in left)
-            == ["adapter.a.T.safetensors", "adapter.b.T.safetensors", "composition.json", "operators.T.safetensors"]
-        )
+        if len(tokens) != 1:
+            return False
+        token = tokens.pop()
+        return sorted(n.replace(token, "T") for n in left) == [
+            "adapter.a.T.safetensors", "adapter.b.T.safetensors", "composition.json", "operators.T.safetensors"
+        ]
 
     records = _kill_points("composition", tmp_path)
     _check(records, one_save)
