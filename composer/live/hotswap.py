@@ -117,8 +117,8 @@ def _stage(
         )
     scratch = dataclasses.replace(analysis, methods={name: record}, configs={name: cfg}, sites={name: infos})
     given = tensors([i.key for i in infos]) if callable(tensors) else tensors
-    if given is not None:  # shapes first, planned on the meta device: nothing is allocated yet
-        planned = planned_shapes(scratch, [name])
+    if given is not None and source is not None:  # from a file: shapes first, planned on the
+        planned = planned_shapes(scratch, [name])  # meta device, so a bomb allocates nothing
         if planned is not None:
             problems = _tensor_problems(f"adapter {name!r}", given, planned.adapters[name], planned.adapter_dtypes[name])
             if problems:
