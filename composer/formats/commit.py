@@ -257,10 +257,11 @@ def recover_manifest_saves(
         token = journal.name.rsplit("-", 1)[-1]
         try:
             record = json.loads(journal.read_text())
-            listed = {*record.get("new", ()), *record.get("old", ())}
+            new = {n for n in record.get("new", ()) if isinstance(n, str) and f".{token}." in n}
+            listed = new | {n for n in record.get("old", ()) if isinstance(n, str)}
         except (OSError, ValueError, TypeError, AttributeError):
             listed = set()  # a journal cut short: it was written before any file, so none exists
-        for name in sorted(n for n in listed if isinstance(n, str) and n not in current):
+        for name in sorted(listed - current):
             _remove_ours(directory, name)
         _unlink(directory / f".{manifest}.tmp-{token}")
         _unlink(journal)
