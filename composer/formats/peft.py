@@ -269,6 +269,14 @@ def read_peft(
         raise AdapterFileError("\n".join(problems) + fix)
     split = codec.split_tensors if hasattr(codec, "split_tensors") else (lambda r: split_tensors(r, codec.tensor_names))
     tensors = _codec_call(method, "split_tensors", directory / WEIGHTS, split, raw)
+    if not isinstance(tensors, Mapping) or not all(
+        isinstance(group, Mapping) and all(isinstance(t, torch.Tensor) for t in group.values())
+        for group in tensors.values()
+    ):
+        raise AdapterFileError(
+            f"{directory / WEIGHTS}: the PEFT codec of method {method.name!r} (plugin {method.plugin!r}) "
+            "returned something other than {where: {name: tensor}} from split_tensors"
+        )
     bad = [w for w in tensors if not isinstance(w, str) or w.startswith("re:")]
     if bad:
         raise AdapterFileError(f"{directory / WEIGHTS}: tensors name modules {bad[:3]!r:.80}, which are not module paths")

@@ -241,3 +241,50 @@ def test_the_probe_leaves_training_mode_and_the_rng_alone():
     composed = ac.compose(model, g, registry=reg)
     assert torch.equal(torch.rand(3), expected)
     assert all(m.training for m in composed.adapters["tenant"].modules.values())
+
+
+class SloppyCodec:
+    """A third-party PEFT codec written the old way: ``int()`` on whatever the file holds."""
+
+    peft_types = ("ACME",)
+    tensor_names = {"w": "w"}
+
+    def __init__(self, split=None):
+        self._split = split
+
+    def from_peft(self, peft):
+        int(peft["r"])  # a list in the file: TypeError
+        return {}
+
+    def to_peft(self, config, sites):
+        return {"peft_type": "ACME"}
+
+    def split_tensors(self, raw):
+        return self._split(raw) if self._split else {"model.layers.0.self_attn.q_proj": {"w": next(iter(raw.values()))}}
+
+
+@pytest.mark.parametrize(
+    "codec, doc, needle",
+    [
+        (SloppyCodec(), {"peft_type": "ACME", "r": [4]}, r"failed in from_peft: TypeError"),
+        (SloppyCodec(split=lambda raw: ["not", "a", "dict"]), {"peft_type": "ACME", "r": 4}, "returned something other than"),
+        (SloppyCodec(split=lambda raw: 1 / 0), {"peft_type": "ACME", "r": 4}, "failed in split_tensors: ZeroDivisionError"),
+    ],
+)
+def test_a_sloppy_third_party_peft_codec_is_named(tmp_path, codec, doc, needle):
+    import json
+
+    from safetensors.torch import save_file
+
+    def register_methods(register):
+        register.method("acme", config=Cfg, build=lambda c, s: Good(s.in_features, s.out_features),
+                        points=["linear.delta"], peft=codec)
+
+    plugin = types.ModuleType("acme_plugin")
+    plugin.register_methods = hookimpl(register_methods)
+    reg = load_registry(entry_points=False, plugins=[plugin])
+    (tmp_path / "adapter_config.json").write_text(json.dumps(doc))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.w": torch.zeros(64, 64)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ac.AdapterFileError, match=needle) as err:
+        ac.from_peft(tiny_llama(), tmp_path, registry=reg)
+    assert "method 'acme' (plugin 'acme_plugin')" in str(err.value)
