@@ -96,7 +96,17 @@ class _ProbeView:
         self.state = CallState()
 
     def weight(self) -> torch.Tensor:
-        return self._info.weight().detach()
+        """The base weight [out, in]; a zero stand-in where the layer stores it otherwise
+        (a quantised base, whose dequantised weight only the site computes)."""
+        info = self._info
+        try:
+            w = info.weight().detach()
+        except Exception:  # noqa: BLE001 - any layer the host cannot read directly
+            w = None
+        if w is None or not w.is_floating_point() or tuple(w.shape) != (info.out_features, info.in_features):
+            dtype = info.dtype if info.dtype.is_floating_point else torch.float32
+            w = torch.zeros(info.out_features, info.in_features, dtype=dtype, device=info.device)
+        return w
 
     def base_output(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight().to(x.dtype))
