@@ -27,6 +27,7 @@ from adapter_composer.pipeline.validate import Analysis, analyse
 from adapter_composer.registry import Diagnostic, Registry, default_registry
 from adapter_composer.runtime import CONTAINER_ATTR
 from adapter_composer.runtime.linear import LinearSite
+from adapter_composer.runtime.module import ModuleSite
 from adapter_composer.runtime.state import CallState
 
 
@@ -234,11 +235,11 @@ class Composed:
 
     # --- merging ----------------------------------------------------------------------
 
-    def _merge_problems(self) -> tuple[list[LinearSite], list[Diagnostic], set[str]]:
+    def _merge_problems(self) -> tuple[list[nn.Module], list[Diagnostic], set[str]]:
         mergeable, problems, unmerged = [], [], set()
         for (path, family), site in self._rt.sites.items():
             prog = self.plan.site(path, family).program
-            if family != "linear" or not isinstance(site, LinearSite):
+            if not _foldable_site(family, site):
                 unmerged.update(leaf.adapter for leaf in prog.leaves())
                 continue
             reasons = _unfoldable(prog, self._analysis)
@@ -299,12 +300,12 @@ class Composed:
     def unmerge(self) -> None:
         """Restore the weights saved by :meth:`merge` (bit-identical)."""
         for site in self._rt.sites.values():
-            if isinstance(site, LinearSite):
+            if hasattr(site, "unmerge"):
                 site.unmerge()
 
     @property
     def merged(self) -> bool:
-        return any(isinstance(s, LinearSite) and s.merged for s in self._rt.sites.values())
+        return any(getattr(s, "merged", False) for s in self._rt.sites.values())
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
@@ -313,7 +314,7 @@ class Composed:
         Irreversible: the original weights are not kept."""
         self.merge()
         for site in self._rt.sites.values():
-            if isinstance(site, LinearSite):
+            if hasattr(site, "forget_originals"):
                 site.forget_originals()
         undo_patch(self._patch)
         return self.model
@@ -335,6 +336,12 @@ class Composed:
     def __repr__(self) -> str:
         state = "undone" if self._patch.undone else ("merged" if self.merged else "active")
         return f"Composed({type(self.model).__name__}, {len(self.adapters)} adapters, {len(self.plan.sites)} sites, {state})"
+
+
+def _foldable_site(family: str, site: nn.Module) -> bool:
+    """Sites whose program can be folded into the base module: linear layers (the normal
+    form over weights) and module copies (the trained copy is copied back)."""
+    return (family == "linear" and isinstance(site, LinearSite)) or (family == "module" and isinstance(site, ModuleSite))
 
 
 def _already_composed(model: nn.Module) -> bool:

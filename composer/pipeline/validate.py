@@ -60,6 +60,11 @@ class GraphView:
     def nx(self) -> nx.DiGraph:
         return self._a.graph.nx
 
+    @property
+    def model(self) -> nn.Module | None:
+        """The model being composed (to read, never to change), when one is known."""
+        return self._a.model
+
     def roots(self) -> list[str]:
         return self._a.graph.roots()
 
