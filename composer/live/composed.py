@@ -75,6 +75,9 @@ class Composed:
             raise TypeError(f"compose() needs an adapter_composer.Graph, got {type(graph).__name__}")
         if _already_composed(model):
             raise ComposerError("this model already has a composition applied; call undo() on it first")
+        peft = _peft_diagnostic(model)
+        if peft is not None:
+            raise CompositionError([peft])
         registry = registry or default_registry()
         analysis = analyse(graph, registry, model)
         if analysis.diagnostics:
@@ -93,7 +96,11 @@ class Composed:
                 )
             block_paths[layer] = path
         patch = patch_model(model, runtime, state, the_plan, block_paths=block_paths)
-        return cls(model, graph.copy(), the_plan, registry, analysis, runtime, patch, state, print_)
+        composed = cls(model, graph.copy(), the_plan, registry, analysis, runtime, patch, state, print_)
+        from adapter_composer.live.hf import install
+
+        install(composed)  # save_pretrained / Trainer checkpoints that reload (see adapter_composer.live.hf)
+        return composed
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -154,6 +161,30 @@ class Composed:
         if rest:
             groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay})
         return groups
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's line: ``trainable params: T || all params: A || trainable%: P``, where, as in
+        PEFT, A counts every parameter (the frozen base and the adapters) and P = 100·T/A.
+        (:meth:`trainable_parameters` gives the per-adapter table, with T as % of the base.)"""
+        report = self.trainable_parameters()
+        total = report.trainable + report.base
+        print(
+            f"trainable params: {report.trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * report.trainable / max(total, 1):.4f}"
+        )
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model inside the block, without undoing anything (PEFT's
+        ``disable_adapter()``). It holds for calls made in this thread (or asyncio task) only:
+        other threads using the model meanwhile still get the composition."""
+        from adapter_composer.runtime.switch import switched_off
+
+        self._require_active()
+        if self.merged:
+            raise ComposerError("the composition is merged into the weights; call unmerge() before disable_adapter()")
+        with switched_off(self.state):
+            yield
 
     def trainable_parameters(self) -> ParameterReport:
         per_adapter = {n: h.num_parameters(trainable_only=True) for n, h in self.adapters.items()}
@@ -327,11 +358,31 @@ class Composed:
 
         return save_composition(self, Path(directory))
 
-    def to_peft(self, name: str, directory: str | Path) -> Path:
-        """Export adapter ``name`` in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """PEFT's spelling of :meth:`save`: the composition only (``ac.from_pretrained(model, d)``
+        or ``ac.load`` reads it). ``composed.model.save_pretrained(d)`` writes the whole model."""
+        return self.save(directory)
+
+    def to_peft(
+        self,
+        name: str,
+        directory: str | Path,
+        *,
+        modules: Sequence[str] | None = None,
+        base_model_name_or_path: str | None = None,
+        revision: str | None = None,
+        task_type: str | None = None,
+    ) -> Path:
+        """Export adapter ``name`` in PEFT's format (adapter_config.json + adapter_model.safetensors),
+        with the metadata PEFT writes (``task_type`` from the model class, ``base_model_name_or_path``
+        from where the model was loaded) and ``modules`` — ``module`` adapters, by default every one
+        acting on every call — as ``modules_to_save``, so ``AutoPeftModelFor*`` loads it."""
         from adapter_composer.formats.peft import export_peft
 
-        return export_peft(self, name, Path(directory))
+        return export_peft(
+            self, name, Path(directory), modules=modules, base_model_name_or_path=base_model_name_or_path,
+            revision=revision, task_type=task_type,
+        )
 
     def __repr__(self) -> str:
         state = "undone" if self._patch.undone else ("merged" if self.merged else "active")
@@ -342,6 +393,22 @@ def _foldable_site(family: str, site: nn.Module) -> bool:
     """Sites whose program can be folded into the base module: linear layers (the normal
     form over weights) and module copies (the trained copy is copied back)."""
     return (family == "linear" and isinstance(site, LinearSite)) or (family == "module" and isinstance(site, ModuleSite))
+
+
+def _peft_diagnostic(model: nn.Module) -> Diagnostic | None:
+    """A diagnostic when ``model`` is a HF PEFT model, or holds PEFT's adapter layers."""
+    wrapped = type(model).__module__.split(".")[0] == "peft" or getattr(model, "_hf_peft_config_loaded", False)
+    layers = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("peft.")})
+    if not wrapped and not layers:
+        return None
+    what = f"a PEFT {type(model).__name__}" if wrapped else f"a model holding PEFT layers ({', '.join(layers[:3])})"
+    return Diagnostic(
+        code="peft-model",
+        message=f"compose() got {what}; adapter-composer composes onto the plain transformers model",
+        rule="PEFT's wrappers and layers replace the modules the roles map to",
+        fix="unwrap it: peft_model.merge_and_unload() keeps its adapter folded in, peft_model.unload() drops it "
+        "(or ac.from_peft(base_model, adapter_dir) imports the adapter itself)",
+    )
 
 
 def _already_composed(model: nn.Module) -> bool:

@@ -1,0 +1,163 @@
+"""Hugging Face checkpoints of a composed model: ``save_pretrained``, ``Trainer`` saves and resumes.
+
+A composition patches the model in place, so the model's own ``state_dict()`` names the base
+weights where the sites hold them (``…query.base.weight``) and holds the adapters too
+(``…query.program.op.lora_A``). Written as they are, ``from_pretrained`` would re-initialise
+every adapted layer. While a composition is applied, the model's ``save_pretrained`` — which
+``Trainer.save_model`` and every Trainer checkpoint call — is replaced by one that writes
+
+    config.json, model.safetensors   the base model's weights under their original names, plus
+                                     the composition's tensors under the model's live names
+    adapter_composer/                the composition (``composition.json`` + one file per
+                                     adapter), the directory :func:`adapter_composer.load` reads
+
+``ac.from_pretrained(AutoModelForX, d)`` rebuilds the composed model from such a directory with
+identical outputs. A plain ``AutoModelForX.from_pretrained(d)`` gets the base model and lists
+the composition's tensors as UNEXPECTED in its load report. Loading a state dict with original
+names into the composed model (``Trainer(resume_from_checkpoint=...)`` does so with
+``model.load_state_dict(sd, strict=False)``) renames the base weights back to where the sites
+hold them, so a resumed run restores the base and every adapter.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapter_composer.errors import ComposerError
+from adapter_composer.runtime import CONTAINER_ATTR
+
+SUBDIR = "adapter_composer"  # the composition directory inside a save_pretrained directory
+MODEL_FAMILIES = ("prompt", "prefix", "optimizer")
+
+
+def wrapper_depths(composed: Any) -> dict[str, int]:
+    """Module path -> how many site modules wrap the original module there (BERT's attn.o: 2)."""
+    depths: dict[str, int] = {}
+    for path, family in composed._rt.sites:
+        if family not in MODEL_FAMILIES and path:
+            depths[path] = depths.get(path, 0) + 1
+    return depths
+
+
+def original_name(key: str, depths: Mapping[str, int]) -> str | None:
+    """The name of a live state-dict entry in the unpatched model, or None for a tensor of
+    the composition (an adapter, an operator's weights)."""
+    parts = key.split(".")
+    if parts[0] == CONTAINER_ATTR:
+        return None
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        out.append(parts[i])
+        i += 1
+        for _ in range(depths.get(".".join(out), 0)):
+            if i < len(parts) and parts[i] == "base":
+                i += 1
+            else:
+                return None  # inside a site's program
+    return ".".join(out)
+
+
+def checkpoint_state(composed: Any, state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """What a checkpoint of the composed model holds: base weights under their original
+    names, the composition's tensors under their live names (``state_dict`` defaults to the
+    model's own)."""
+    if composed.merged:
+        raise ComposerError(
+            "the composition is merged into the weights, so the base weights cannot be saved as they were: "
+            "call composed.unmerge() first, or composed.merge_and_unload() to save a plain merged model"
+        )
+    given = composed.model.state_dict() if state_dict is None else state_dict
+    depths = wrapper_depths(composed)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in given.items():
+        name = original_name(key, depths)
+        out[key if name is None else name] = value
+    return out
+
+
+def _rename_on_load(depths_of, module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: entries named as in the unpatched model go where the sites hold them."""
+    depths = depths_of()
+    for live in module.state_dict(keep_vars=True):
+        name = original_name(live, depths)
+        if name is None or name == live:
+            continue
+        if prefix + name in state_dict and prefix + live not in state_dict:
+            state_dict[prefix + live] = state_dict.pop(prefix + name)
+
+
+def _save_pretrained(composed: Any, original: Any):
+    @functools.wraps(original)
+    def save_pretrained(save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
+        if kwargs.get("push_to_hub"):
+            raise ComposerError(
+                "push_to_hub is not supported while a composition is applied (the upload would miss the "
+                f"{SUBDIR}/ directory): save_pretrained(d) locally, then upload the folder with "
+                "huggingface_hub.upload_folder"
+            )
+        state = checkpoint_state(composed, state_dict)
+        result = original(save_directory, is_main_process=is_main_process, state_dict=state, **kwargs)
+        if is_main_process:
+            composed.save(Path(save_directory) / SUBDIR)
+        return result
+
+    return save_pretrained
+
+
+def install(composed: Any) -> None:
+    """Put the HF save/load translation on the composed model (undone with the composition)."""
+    model: nn.Module = composed.model
+    patch = composed._patch
+    patch.hooks.append(
+        model.register_load_state_dict_pre_hook(functools.partial(_rename_on_load, lambda: wrapper_depths(composed)))
+    )
+    original = getattr(model, "save_pretrained", None)
+    if callable(original) and "save_pretrained" not in vars(model):
+        model.save_pretrained = _save_pretrained(composed, original)
+        patch.added_attrs.append((model, "save_pretrained"))
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+def composition_dir(directory: str | Path) -> Path:
+    """The composition directory of ``directory``: itself, or its ``adapter_composer/``."""
+    directory = Path(directory)
+    if not (directory / "composition.json").is_file() and (directory / SUBDIR / "composition.json").is_file():
+        return directory / SUBDIR
+    return directory
+
+
+class _QuietReport(logging.Filter):
+    """Drops transformers' load report in this thread only (the caller checks the keys itself)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.thread == self.thread and "LOAD REPORT" in str(record.msg))
+
+
+def load_base(model_class: Any, directory: Path, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """``model_class.from_pretrained(directory)`` with its loading info, without the report
+    that would list the composition's tensors as unexpected."""
+    quiet = _QuietReport()
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(quiet)
+    try:
+        return model_class.from_pretrained(str(directory), output_loading_info=True, **kwargs)
+    finally:
+        logger.removeFilter(quiet)
+
+
+__all__ = ["SUBDIR", "checkpoint_state", "composition_dir", "install", "load_base", "original_name"]
