@@ -75,7 +75,9 @@ class Composed:
             raise TypeError(f"compose() needs an adapter_composer.Graph, got {type(graph).__name__}")
         if _already_composed(model):
             raise ComposerError("this model already has a composition applied; call undo() on it first")
-        peft = _peft_diagnostic(model)
+        from adapter_composer.live.hf import install, peft_diagnostic
+
+        peft = peft_diagnostic(model)
         if peft is not None:
             raise CompositionError([peft])
         registry = registry or default_registry()
@@ -97,8 +99,6 @@ class Composed:
             block_paths[layer] = path
         patch = patch_model(model, runtime, state, the_plan, block_paths=block_paths)
         composed = cls(model, graph.copy(), the_plan, registry, analysis, runtime, patch, state, print_)
-        from adapter_composer.live.hf import install
-
         install(composed)  # save_pretrained / Trainer checkpoints that reload (see adapter_composer.live.hf)
         return composed
 
@@ -373,10 +373,9 @@ class Composed:
         revision: str | None = None,
         task_type: str | None = None,
     ) -> Path:
-        """Export adapter ``name`` in PEFT's format (adapter_config.json + adapter_model.safetensors),
-        with the metadata PEFT writes (``task_type`` from the model class, ``base_model_name_or_path``
-        from where the model was loaded) and ``modules`` — ``module`` adapters, by default every one
-        acting on every call — as ``modules_to_save``, so ``AutoPeftModelFor*`` loads it."""
+        """Export adapter ``name`` in PEFT's format, with PEFT's metadata and ``modules`` (``module``
+        adapters; by default those acting on every call) as ``modules_to_save``; see
+        :func:`adapter_composer.formats.peft.export_peft`."""
         from adapter_composer.formats.peft import export_peft
 
         return export_peft(
@@ -393,22 +392,6 @@ def _foldable_site(family: str, site: nn.Module) -> bool:
     """Sites whose program can be folded into the base module: linear layers (the normal
     form over weights) and module copies (the trained copy is copied back)."""
     return (family == "linear" and isinstance(site, LinearSite)) or (family == "module" and isinstance(site, ModuleSite))
-
-
-def _peft_diagnostic(model: nn.Module) -> Diagnostic | None:
-    """A diagnostic when ``model`` is a HF PEFT model, or holds PEFT's adapter layers."""
-    wrapped = type(model).__module__.split(".")[0] == "peft" or getattr(model, "_hf_peft_config_loaded", False)
-    layers = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("peft.")})
-    if not wrapped and not layers:
-        return None
-    what = f"a PEFT {type(model).__name__}" if wrapped else f"a model holding PEFT layers ({', '.join(layers[:3])})"
-    return Diagnostic(
-        code="peft-model",
-        message=f"compose() got {what}; adapter-composer composes onto the plain transformers model",
-        rule="PEFT's wrappers and layers replace the modules the roles map to",
-        fix="unwrap it: peft_model.merge_and_unload() keeps its adapter folded in, peft_model.unload() drops it "
-        "(or ac.from_peft(base_model, adapter_dir) imports the adapter itself)",
-    )
 
 
 def _already_composed(model: nn.Module) -> bool:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from adapter_composer.errors import ComposerError
+from adapter_composer.registry import Diagnostic
 from adapter_composer.runtime import CONTAINER_ATTR
 
 SUBDIR = "adapter_composer"  # the composition directory inside a save_pretrained directory
@@ -126,6 +127,22 @@ def install(composed: Any) -> None:
         patch.added_attrs.append((model, "save_pretrained"))
 
 
+def peft_diagnostic(model: nn.Module) -> Diagnostic | None:
+    """A diagnostic when ``model`` is a HF PEFT model, or holds PEFT's adapter layers."""
+    wrapped = type(model).__module__.split(".")[0] == "peft" or getattr(model, "_hf_peft_config_loaded", False)
+    layers = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("peft.")})
+    if not wrapped and not layers:
+        return None
+    what = f"a PEFT {type(model).__name__}" if wrapped else f"a model holding PEFT layers ({', '.join(layers[:3])})"
+    return Diagnostic(
+        code="peft-model",
+        message=f"compose() got {what}; adapter-composer composes onto the plain transformers model",
+        rule="PEFT's wrappers and layers replace the modules the roles map to",
+        fix="unwrap it: peft_model.merge_and_unload() keeps its adapter folded in, peft_model.unload() drops it "
+        "(or ac.from_peft(base_model, adapter_dir) imports the adapter itself)",
+    )
+
+
 # --- reading ----------------------------------------------------------------------------
 
 
@@ -160,4 +177,4 @@ def load_base(model_class: Any, directory: Path, **kwargs: Any) -> tuple[nn.Modu
         logger.removeFilter(quiet)
 
 
-__all__ = ["SUBDIR", "checkpoint_state", "composition_dir", "install", "load_base", "original_name"]
+__all__ = ["SUBDIR", "checkpoint_state", "composition_dir", "install", "load_base", "original_name", "peft_diagnostic"]
