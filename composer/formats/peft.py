@@ -11,6 +11,10 @@ translates its config and its tensor names. A codec has:
     split_tensors(raw), join_tensors(handle, sites)   optional, for other layouts (shared
                                     or model-level tensors); see :func:`split_tensors`.
 
+The host itself handles what every method shares (:mod:`adapter_composer.formats.peft_options`):
+``modules_to_save`` and task-type heads (our ``module`` method), ``layers_to_transform``,
+suffix-style ``target_modules`` and the metadata fields PEFT writes.
+
 Tensors are grouped by *where* they belong: a module path (a site), ``"shared"`` (the
 adapter's shared module) or ``"model"`` (a model-level site). ``peft`` is never imported.
 """
@@ -39,6 +43,7 @@ from adapter_composer.formats.peft_options import (
     PEFT_FORMAT_VERSION,
     PREFIX,
     layer_problems,
+    missing_modules,
     peft_task_type,
     split_module_tensors,
     suffix_targets,
@@ -62,6 +67,7 @@ class PeftAdapter:
     tensors: Mapping[str, Mapping[str, torch.Tensor]]  # module path -> our tensor name -> tensor
     source: Path
     modules: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save
+    saved_names: tuple[str, ...] = ()  # the names modules_to_save lists
 
     def declare(self, graph: Graph, name: str) -> str:
         """Declare this adapter in ``graph`` under ``name``; its ``modules_to_save`` (heads
@@ -74,6 +80,12 @@ class PeftAdapter:
 
     def load_into(self, composed: Any, name: str) -> None:
         """Copy the weights into adapter ``name`` of ``composed`` (checked first)."""
+        lacking = missing_modules(self.saved_names, self.modules, composed._analysis.resolver.names)
+        if lacking:
+            raise AdapterFileError(
+                f"{self.source}: modules_to_save names {lacking}, which this model has, but {WEIGHTS} holds no "
+                "tensors for them (PEFT always saves them): the file is incomplete"
+            )
         handle = composed.adapters[name]
         tensors = {f"{key}.{t}": v for key in handle.modules for t, v in self._for(key).items()}
         tensors.update({f"shared.{t}": v for t, v in self.tensors.get("shared", {}).items()})
@@ -191,7 +203,7 @@ def read_peft(directory: str | Path, *, registry: Registry | None = None) -> Pef
     problems = layer_problems(targets, host)
     if problems:
         raise AdapterFileError(f"{directory / WEIGHTS} adapts layers its config excludes:\n  " + "\n  ".join(problems))
-    return PeftAdapter(method.name, config, targets, tensors, directory, modules)
+    return PeftAdapter(method.name, config, targets, tensors, directory, modules, host.saved)
 
 
 def _always_on(graph: Graph, name: str) -> bool:
@@ -200,7 +212,7 @@ def _always_on(graph: Graph, name: str) -> bool:
     return all(p.operator == "stack" and _always_on(graph, p.name) for p in parents)
 
 
-def _modules_to_save(composed: Any, name: str, modules: Sequence[str] | None) -> list[str]:
+def _modules_to_save(composed: Any, modules: Sequence[str] | None) -> list[str]:
     copies = [n for n, h in composed.adapters.items() if h.method == "module"]
     if modules is None:
         return [n for n in copies if _always_on(composed.graph, n)]
@@ -239,7 +251,10 @@ def peft_metadata(
     paths = sorted({i.path for i in infos})
     if isinstance(out.get("target_modules"), list) and sorted(out["target_modules"]) == paths:
         layered = "layers_to_transform" in out  # PEFT's config class of this method has the field
-        spec = suffix_targets(paths, composed._analysis.resolver.names, module_paths, use_layers=layered)
+        subsets = [out[k] for k in PATH_LISTS[1:] if isinstance(out.get(k), list) and set(out[k]) <= set(paths)]
+        spec = suffix_targets(
+            paths, composed._analysis.resolver.names, module_paths, use_layers=layered, subsets=subsets
+        )
         for key in PATH_LISTS:
             if isinstance(out.get(key), list):
                 out[key] = sorted({spec.name_of.get(p, p) for p in out[key]})
@@ -288,9 +303,13 @@ def export_peft(
         else join_tensors(handle, infos, codec.tensor_names)
     )
     module_paths = []
-    for copy_name in _modules_to_save(composed, name, modules):
+    for copy_name in _modules_to_save(composed, modules):
         copies = composed.adapters[copy_name]
         for info in composed._rt.infos[copy_name].values():
+            if info.path in module_paths:
+                raise ComposerError(
+                    f"two of modules={list(modules or [])} copy {info.path!r}; a PEFT file holds one copy per module"
+                )
             module_paths.append(info.path)
             for t, value in copies.modules[info.key].state_dict().items():
                 tensors[f"{PREFIX}{info.path}.{t}"] = value

@@ -116,12 +116,29 @@ class TargetSpec:
     name_of: Mapping[str, str] = field(default_factory=dict)
 
 
+def _subsets_exact(want: set[str], name_of: Mapping[str, str], subsets: Sequence[Iterable[str]]) -> bool:
+    """Each subset (e.g. IA3's ``feedforward_modules``), written with the same suffixes, selects
+    exactly itself among the targets (PEFT matches these lists with a plain ``str.endswith``)."""
+    for subset in subsets:
+        subset = set(subset)
+        names = {name_of[p] for p in subset}
+        if {p for p in want if any(p.endswith(n) for n in names)} != subset:
+            return False
+    return True
+
+
 def suffix_targets(
-    paths: Iterable[str], names: Iterable[str], modules_to_save: Sequence[str] = (), *, use_layers: bool = True
+    paths: Iterable[str],
+    names: Iterable[str],
+    modules_to_save: Sequence[str] = (),
+    *,
+    use_layers: bool = True,
+    subsets: Sequence[Iterable[str]] = (),
 ) -> TargetSpec:
     """The shortest suffix-style targets PEFT resolves to exactly ``paths`` on a model whose
     module paths are ``names`` (full paths when nothing shorter is exact); with
-    ``use_layers``, suffixes restricted by ``layers_to_transform`` count too."""
+    ``use_layers``, suffixes restricted by ``layers_to_transform`` count too. ``subsets`` are
+    other path lists of the config that must stay exact under the same suffixes."""
     want = set(paths)
     names = list(names)
     layering = {_layering(p) for p in want}
@@ -133,6 +150,8 @@ def suffix_targets(
     for k in range(1, depth + 1):
         name_of = {p: ".".join(p.split(".")[-k:]) for p in want}
         targets = sorted(set(name_of.values()))
+        if not _subsets_exact(want, name_of, subsets):
+            continue
         if peft_targets(names, targets, modules_to_save=modules_to_save) == want:
             return TargetSpec(targets, name_of=name_of)
         if pattern and peft_targets(names, targets, layers, pattern, modules_to_save) == want:
@@ -148,6 +167,7 @@ class HostOptions:
     """The options of an adapter_config.json the host handles itself."""
 
     modules: tuple[str, ...] = ()  # module names whose whole tensors the file may hold
+    saved: tuple[str, ...] = ()  # those named by modules_to_save itself (PEFT writes their tensors)
     layers: tuple[int, ...] | None = None
     layers_pattern: str | list[str] | None = None
 
@@ -173,7 +193,7 @@ def take_host_options(peft: Mapping[str, Any]) -> tuple[dict[str, Any], HostOpti
     ):
         raise ValueError(f"layers_pattern must be a string or a list of strings, got {pattern!r}")
     modules = tuple(dict.fromkeys([*map(str, saved), *heads]))
-    return rest, HostOptions(modules, None if not layers else tuple(layers), pattern or None)
+    return rest, HostOptions(modules, tuple(map(str, saved)), None if not layers else tuple(layers), pattern or None)
 
 
 def _module_of(body: str, modules: Sequence[str]) -> tuple[str, str] | None:
@@ -205,6 +225,19 @@ def split_module_tensors(
     return rest, found
 
 
+def _named(path: str, name: str) -> bool:
+    return path == name or path.endswith("." + name)
+
+
+def missing_modules(saved: Sequence[str], found: Iterable[str], names: Iterable[str]) -> list[str]:
+    """Names in ``modules_to_save`` that a module of the model (``names``) has but the file
+    holds no tensors for (PEFT always saves them: the file is incomplete)."""
+    found, names = list(found), list(names)
+    return [
+        n for n in saved if any(_named(p, n) for p in names) and not any(_named(p, n) for p in found)
+    ]
+
+
 def layer_problems(paths: Iterable[str], options: HostOptions) -> list[str]:
     """Adapted paths that ``layers_to_transform`` excludes (a file PEFT would not have written)."""
     if options.layers is None:
@@ -226,6 +259,7 @@ __all__ = [
     "TargetSpec",
     "layer_index",
     "layer_problems",
+    "missing_modules",
     "peft_targets",
     "peft_task_type",
     "split_module_tensors",

@@ -184,6 +184,10 @@ def test_a_head_that_does_not_fit_is_refused(registry, tmp_path):
     with pytest.raises(AdapterFileError, match="modules_to_save"):
         ac.from_peft(model, tmp_path / "peft", registry=registry)
     assert not any(getattr(m, "is_composer_site", False) for m in model.modules())
+    del tensors["base_model.model.classifier.weight"], tensors["base_model.model.classifier.bias"]
+    save_file(tensors, str(path))  # modules_to_save names the classifier, the file lost it
+    with pytest.raises(AdapterFileError, match=r"modules_to_save names \['classifier'\].*incomplete"):
+        ac.from_peft(model, tmp_path / "peft", registry=registry)
 
 
 def test_which_heads_an_export_carries(registry, tmp_path):
