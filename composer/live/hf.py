@@ -106,12 +106,34 @@ def _save_pretrained(composed: Any, original: Any):
                 "huggingface_hub.upload_folder"
             )
         state = checkpoint_state(composed, state_dict)
-        result = original(save_directory, is_main_process=is_main_process, state_dict=state, **kwargs)
+        model = composed.model
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is None:
+            result = original(save_directory, is_main_process=is_main_process, state_dict=state, **kwargs)
+        else:
+            result = _save_quantized(model, quantizer, original, state, save_directory, is_main_process, kwargs)
         if is_main_process:
             composed.save(Path(save_directory) / SUBDIR)
         return result
 
     return save_pretrained
+
+
+def _save_quantized(model, quantizer, original, state, save_directory, is_main_process, kwargs):
+    """transformers replaces a given state dict by the quantizer's own (bitsandbytes: by
+    ``model.state_dict()``), so the translated one is what ``state_dict()`` returns meanwhile."""
+    from transformers.quantizers.base import HfQuantizer
+
+    if type(quantizer).get_state_dict_and_metadata is not HfQuantizer.get_state_dict_and_metadata:
+        raise ComposerError(
+            f"{type(quantizer).__name__} writes its own state dict, with the composition's module names: "
+            "save the composition with composed.save(d) and keep the quantized base checkpoint as it is"
+        )
+    model.state_dict = lambda *args, **kw: dict(state)
+    try:
+        return original(save_directory, is_main_process=is_main_process, **kwargs)
+    finally:
+        del model.state_dict
 
 
 def install(composed: Any) -> None:
