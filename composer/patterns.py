@@ -86,6 +86,15 @@ def matches_suffix(
         raise _too_slow(key, path, what) from None
 
 
+def match(pattern: str, text: str, *, what: str = "pattern") -> regex.Match | None:
+    """``re.match(pattern, text)`` in bounded time (the match, or None)."""
+    rx = compile_pattern(pattern, what=what)
+    try:
+        return rx.match(text, timeout=MATCH_TIMEOUT)
+    except TimeoutError:
+        raise _too_slow(pattern, text, what) from None
+
+
 def filter_fullmatch(pattern: str, names: Iterable[str], *, what: str = "pattern") -> list[str]:
     """The names ``pattern`` matches in full, spending at most :data:`BUDGET` seconds in all."""
     compile_pattern(pattern, what=what)
@@ -109,5 +118,6 @@ __all__ = [
     "compile_pattern",
     "filter_fullmatch",
     "fullmatch",
+    "match",
     "matches_suffix",
 ]

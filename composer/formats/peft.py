@@ -11,6 +11,10 @@ translates its config and its tensor names. A codec has:
     split_tensors(raw), join_tensors(handle, sites)   optional, for other layouts (shared
                                     or model-level tensors); see :func:`split_tensors`.
 
+The host itself handles what every method shares (:mod:`adapter_composer.formats.peft_options`):
+``modules_to_save`` and task-type heads (our ``module`` method), ``layers_to_transform``,
+suffix-style ``target_modules`` and the metadata fields PEFT writes.
+
 Tensors are grouped by *where* they belong: a module path (a site), ``"shared"`` (the
 adapter's shared module) or ``"model"`` (a model-level site). ``peft`` is never imported.
 
@@ -29,8 +33,9 @@ leave other files of the directory (PEFT's ``README.md``) alone.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +70,23 @@ from adapter_composer.formats.peft_fields import (
     peft_str,
     peft_strings,
 )
-from adapter_composer.pipeline.graph import Graph
+from adapter_composer.formats.peft_options import (
+    PATH_LISTS,
+    PEFT_FORMAT_VERSION,
+    PREFIX,
+    layer_problems,
+    missing_modules,
+    peft_task_type,
+    split_module_tensors,
+    suffix_targets,
+    take_host_options,
+)
+from adapter_composer.pipeline.graph import Graph, OperatorSpec
 from adapter_composer.registry import MethodRecord, Registry, default_registry
 
-PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+MODULES = "_modules"  # suffix of the name under which an import declares its modules_to_save
 
 
 @dataclass(frozen=True)
@@ -82,11 +98,17 @@ class PeftAdapter:
     targets: tuple[str, ...]
     tensors: Mapping[str, Mapping[str, torch.Tensor]]  # module path -> our tensor name -> tensor
     source: Path
+    modules: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save
+    saved_names: tuple[str, ...] = ()  # the names modules_to_save lists
 
     def declare(self, graph: Graph, name: str) -> str:
-        """Declare this adapter in ``graph`` under ``name``."""
+        """Declare this adapter in ``graph`` under ``name``; its ``modules_to_save`` (heads
+        and other whole modules) become a ``module`` adapter named ``<name>_modules``."""
         targets = list(self.targets) if self.targets else None
-        return graph.adapter(name, self.method, targets=targets, **dict(self.config))
+        node = graph.adapter(name, self.method, targets=targets, **dict(self.config))
+        if self.modules:
+            graph.adapter(name + MODULES, "module", targets=[f"re:{re.escape(p)}" for p in sorted(self.modules)])
+        return node
 
     def neutral_tensors(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The tensors under our architecture-neutral names, for an adapter whose sites have
@@ -119,6 +141,12 @@ class PeftAdapter:
 
     def load_into(self, composed: Any, name: str) -> None:
         """Copy the weights into adapter ``name`` of ``composed`` (checked first)."""
+        lacking = missing_modules(self.saved_names, self.modules, composed._analysis.resolver.names)
+        if lacking:
+            raise AdapterFileError(
+                f"{self.source}: modules_to_save names {lacking}, which this model has, but {WEIGHTS} holds no "
+                "tensors for them (PEFT always saves them): the file is incomplete"
+            )
         handle = composed.adapters[name]
         tensors = self.neutral_tensors(list(handle.modules))
         problems = check_fit(str(self.source), tensors, handle.expected_shapes(), dtypes(handle.state_dict()))
@@ -126,6 +154,16 @@ class PeftAdapter:
             raise AdapterFileError(
                 "the PEFT adapter does not fit the model:\n  " + "\n  ".join(problems)
             )
+        handle.load_tensors(tensors)
+        if self.modules:
+            self._load_modules(composed, name + MODULES)
+
+    def _load_modules(self, composed: Any, name: str) -> None:
+        handle = composed.adapters[name]
+        tensors = {f"module.{p}.{t}": v for p, values in self.modules.items() for t, v in values.items()}
+        problems = check_fit(f"{self.source} (modules_to_save)", tensors, handle.expected_shapes(), dtypes(handle.state_dict()))
+        if problems:
+            raise AdapterFileError("the PEFT adapter's modules_to_save do not fit the model:\n  " + "\n  ".join(problems))
         handle.load_tensors(tensors)
 
     def _for(self, key: str) -> Mapping[str, torch.Tensor]:
@@ -253,6 +291,10 @@ def read_peft(
         raise AdapterFileError(f"{cfg_path}: peft_type must be a string, got {peft_type!r:.60}")
     method = _method_for(registry, peft_type)
     codec = method.peft
+    try:
+        peft_config, host = take_host_options(peft_config)  # modules_to_save, layers_to_transform
+    except ValueError as exc:
+        raise AdapterFileError(f"{cfg_path}: {exc}") from None
     config = _codec_call(method, "from_peft", cfg_path, codec.from_peft, peft_config)
     if not isinstance(config, Mapping):
         raise AdapterFileError(
@@ -267,6 +309,7 @@ def read_peft(
     if problems:
         fix = "" if allow_nonfinite else f"\nIf non-finite values are intended, {NONFINITE_FIX}."
         raise AdapterFileError("\n".join(problems) + fix)
+    raw, modules = split_module_tensors(raw, host.modules, getattr(codec, "tensor_names", {}) or {})
     split = codec.split_tensors if hasattr(codec, "split_tensors") else (lambda r: split_tensors(r, codec.tensor_names))
     tensors = _codec_call(method, "split_tensors", directory / WEIGHTS, split, raw)
     if not isinstance(tensors, Mapping) or not all(
@@ -281,14 +324,94 @@ def read_peft(
     if bad:
         raise AdapterFileError(f"{directory / WEIGHTS}: tensors name modules {bad[:3]!r:.80}, which are not module paths")
     targets = tuple(sorted(w for w in tensors if w not in ("shared", "model")))
-    return PeftAdapter(method.name, dict(config), targets, tensors, directory)
+    try:
+        problems = layer_problems(targets, host)
+    except ComposerError as exc:  # a layers_pattern too slow to match
+        raise AdapterFileError(f"{cfg_path}: {exc}") from None
+    if problems:
+        raise AdapterFileError(f"{directory / WEIGHTS} adapts layers its config excludes:\n  " + "\n  ".join(problems))
+    return PeftAdapter(method.name, dict(config), targets, tensors, directory, modules, host.saved)
 
 
-def export_peft(composed: Any, name: str, directory: Path) -> Path:
+def _always_on(graph: Graph, name: str) -> bool:
+    """Whether adapter ``name`` acts on every call: no route, sum or mix above it."""
+    parents = [s for s in graph.specs.values() if isinstance(s, OperatorSpec) and name in s.children]
+    return all(p.operator == "stack" and _always_on(graph, p.name) for p in parents)
+
+
+def _modules_to_save(composed: Any, modules: Sequence[str] | None) -> list[str]:
+    copies = [n for n, h in composed.adapters.items() if h.method == "module"]
+    if modules is None:
+        return [n for n in copies if _always_on(composed.graph, n)]
+    wrong = [m for m in modules if m not in copies]
+    if wrong:
+        raise ComposerError(
+            f"modules={wrong} are not 'module' adapters of this composition (those are: {sorted(copies)})"
+        )
+    return list(modules)
+
+
+def peft_metadata(
+    composed: Any,
+    peft_config: Mapping[str, Any],
+    infos: list[Any],
+    module_paths: list[str],
+    *,
+    base_model_name_or_path: str | None,
+    revision: str | None,
+    task_type: str | None,
+) -> dict[str, Any]:
+    """The fields PEFT writes besides the method's own, and suffix-style target names.
+
+    ``task_type`` follows the model class (``BertForSequenceClassification`` → ``SEQ_CLS``),
+    ``base_model_name_or_path`` the model's ``config._name_or_path`` (where it was loaded
+    from), ``peft_version`` the PEFT format these files follow (:data:`PEFT_FORMAT_VERSION`)."""
+    model = composed.model
+    out = dict(peft_config)
+    out["task_type"] = task_type or out.get("task_type") or peft_task_type(model)
+    out["base_model_name_or_path"] = base_model_name_or_path or (
+        getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    )
+    out["revision"] = revision
+    out["peft_version"] = PEFT_FORMAT_VERSION
+    out["modules_to_save"] = sorted(module_paths) or None
+    paths = sorted({i.path for i in infos})
+    if isinstance(out.get("target_modules"), list) and sorted(out["target_modules"]) == paths:
+        layered = "layers_to_transform" in out  # PEFT's config class of this method has the field
+        subsets = [out[k] for k in PATH_LISTS[1:] if isinstance(out.get(k), list) and set(out[k]) <= set(paths)]
+        spec = suffix_targets(
+            paths, composed._analysis.resolver.names, module_paths, use_layers=layered, subsets=subsets
+        )
+        for key in PATH_LISTS:
+            if isinstance(out.get(key), list):
+                out[key] = sorted({spec.name_of.get(p, p) for p in out[key]})
+        if layered:
+            out["layers_to_transform"] = spec.layers_to_transform
+            out["layers_pattern"] = spec.layers_pattern
+    return out
+
+
+def export_peft(
+    composed: Any,
+    name: str,
+    directory: Path,
+    *,
+    modules: Sequence[str] | None = None,
+    base_model_name_or_path: str | None = None,
+    revision: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write adapter ``name`` as PEFT does, with ``modules`` (``module`` adapters; by default
+    every one that acts on every call) as ``modules_to_save``."""
     if name not in composed.adapters:
         raise UnknownAdapterError(f"no adapter {name!r}; adapters: {sorted(composed.adapters)}")
     handle = composed.adapters[name]
     record = composed.registry.method(handle.method)
+    if handle.method == "module":
+        raise ComposerError(
+            f"adapter {name!r} is a whole-module copy: PEFT saves those as modules_to_save of another adapter; "
+            f"export that one, e.g. to_peft('<lora adapter>', directory, modules=[{name!r}])"
+        )
     if record.peft is None:
         raise AdapterFileError(
             f"method {handle.method!r} has no PEFT equivalent, so adapter {name!r} cannot be exported"
@@ -306,7 +429,26 @@ def export_peft(composed: Any, name: str, directory: Path) -> Path:
         if hasattr(codec, "join_tensors")
         else join_tensors(handle, infos, codec.tensor_names)
     )
-    peft_config = record.peft.to_peft(handle.config, infos)
+    module_paths = []
+    for copy_name in _modules_to_save(composed, modules):
+        copies = composed.adapters[copy_name]
+        for info in composed._rt.infos[copy_name].values():
+            if info.path in module_paths:
+                raise ComposerError(
+                    f"two of modules={list(modules or [])} copy {info.path!r}; a PEFT file holds one copy per module"
+                )
+            module_paths.append(info.path)
+            for t, value in copies.modules[info.key].state_dict().items():
+                tensors[f"{PREFIX}{info.path}.{t}"] = value
+    peft_config = peft_metadata(
+        composed,
+        codec.to_peft(handle.config, infos),
+        infos,
+        module_paths,
+        base_model_name_or_path=base_model_name_or_path,
+        revision=revision,
+        task_type=task_type,
+    )
     tensors = contiguous(tensors)
     files = {
         WEIGHTS: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),

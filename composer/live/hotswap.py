@@ -261,6 +261,11 @@ def load_adapter(composed: Any, directory: str | Path, *, name: str, route: str,
     directory = Path(directory)
     if (directory / CONFIG).is_file():
         peft = read_peft(directory, registry=composed.registry)
+        if peft.modules:
+            raise HotSwapError(
+                f"{directory} also holds whole modules (modules_to_save: {sorted(peft.modules)}); hot swap serves one "
+                "adapter per key, so re-compose instead: ac.from_peft, or a route over stack(adapter, module copy)"
+            )
         staged = _stage(composed, name, peft.method, route, list(peft.targets), None, peft.neutral_tensors, peft.config, directory)
         return _commit(composed, staged, route, key)
     if not (directory / MANIFEST).is_file():
