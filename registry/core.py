@@ -27,6 +27,7 @@ ENTRY_POINT_GROUP = "adapter_composer"
 # Built-in plugins, loaded by module name through the same path as third-party ones.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "adapter_composer.plugins.sites",
+    "adapter_composer.plugins.bnb",
     "adapter_composer.plugins.operators",
     "adapter_composer.plugins.route",
     "adapter_composer.plugins.mix",

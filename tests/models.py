@@ -37,6 +37,17 @@ def tiny_llama_scaled(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**DECODER, initializer_range=0.1)).eval()
 
 
+KBIT_DECODER = {**DECODER, "intermediate_size": 128}
+# bitsandbytes' CPU 4-bit inference kernel (AVX512-BF16) repacks weights in blocks of 64
+# inputs and 32 outputs and fails on other shapes (96), so quantised tests use this width
+
+
+def tiny_llama_kbit(seed: int = 0) -> LlamaForCausalLM:
+    """tiny_llama with an MLP width of 128, a shape every bitsandbytes CPU kernel accepts."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**KBIT_DECODER)).eval()
+
+
 def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
     torch.manual_seed(seed)
     return MistralForCausalLM(MistralConfig(**DECODER, sliding_window=None)).eval()
@@ -91,6 +102,7 @@ def tiny_roberta(seed: int = 0) -> RobertaModel:
 BUILDERS = {
     "llama": tiny_llama,
     "llama_scaled": tiny_llama_scaled,
+    "llama_kbit": tiny_llama_kbit,
     "mistral": tiny_mistral,
     "qwen2": tiny_qwen2,
     "gpt2": tiny_gpt2,

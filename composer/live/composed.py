@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from adapter_composer.registry import Diagnostic, Registry, default_registry
 from adapter_composer.runtime import CONTAINER_ATTR
 from adapter_composer.runtime.linear import LinearSite
 from adapter_composer.runtime.state import CallState
+from adapter_composer.sites import logical_shape
 
 
 class Composed:
@@ -163,7 +165,7 @@ class Composed:
         per_operator = {k: v for k, v in per_operator.items() if v}
         trainable = sum(p.numel() for p in self.parameters())
         adapter_ids = {id(p) for p in self.parameters()}
-        base = sum(p.numel() for p in self.model.parameters() if id(p) not in adapter_ids)
+        base = sum(math.prod(logical_shape(p)) for p in self.model.parameters() if id(p) not in adapter_ids)
         return ParameterReport(per_adapter, per_operator, trainable, base)
 
     # --- routing and gates ------------------------------------------------------------
@@ -315,7 +317,11 @@ class Composed:
         for site in self._rt.sites.values():
             if isinstance(site, LinearSite):
                 site.forget_originals()
+        kept = [(parent, attr, site.unloaded()) for parent, attr, _, site in self._patch.swaps if isinstance(site, LinearSite)]
         undo_patch(self._patch)
+        for parent, attr, module in kept:
+            if module is not None:  # merged into a new layer (a quantised base): keep that layer
+                setattr(parent, attr, module)
         return self.model
 
     # --- files ------------------------------------------------------------------------
