@@ -24,9 +24,11 @@ from adapter_composer.errors import AdapterFileError, CompositionError
 from adapter_composer.formats.files import (
     check_tensors,
     contiguous,
+    is_sharded,
     read_safetensors,
     safe_filename,
     write_directory_atomically,
+    write_from_every_rank,
 )
 from adapter_composer.pipeline.graph import Graph
 from adapter_composer.registry import Registry
@@ -92,8 +94,11 @@ def fingerprint_differences(saved: Mapping[str, Any], model: nn.Module) -> list[
 
 
 def save_composition(composed: Any, directory: Path) -> Path:
+    """Write the directory. On a model sharded with FSDP2 every rank calls this: the tensors
+    are gathered whole (bit for bit) and rank 0 writes them."""
     files: dict[str, Any] = {}
     adapters = {}
+    sharded = any(is_sharded(p) for m in composed._rt.all_modules() for p in m.parameters())
     for name, handle in composed.adapters.items():
         fname = safe_filename(name) + ".safetensors"
         tensors = contiguous(handle.state_dict())
@@ -128,6 +133,8 @@ def save_composition(composed: Any, directory: Path) -> Path:
         "base_model": composed.fingerprint,
     }
     files[MANIFEST] = json.dumps(manifest, indent=2).encode()
+    if sharded:
+        return write_from_every_rank(directory, files, MANIFEST)
     return write_directory_atomically(directory, files, MANIFEST)
 
 
