@@ -32,6 +32,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "adapter_composer.plugins.route",
     "adapter_composer.plugins.mix",
     "adapter_composer.plugins.architectures",
+    "adapter_composer.plugins.arch_t5",
+    "adapter_composer.plugins.arch_moe",
     "adapter_composer.plugins.lora",
     "adapter_composer.plugins.bottleneck",
     "adapter_composer.plugins.ia3",
