@@ -124,7 +124,7 @@ def register_architectures(register):
         "gemma2",
         model_types=["gemma2", "gemma3_text"],
         roles=GEMMA2_ROLES,
-        provides=(*LINEAR_KINDS, *SUBLAYER_KINDS, "input.embeddings"),
+        provides=(*LINEAR_KINDS, *SUBLAYER_KINDS, "attention.kv_prefix", "input.embeddings"),
         geometry=decoder_geometry,
         description="Gemma 2 / Gemma 3 (text): Llama's projections; sublayer results after their post-norms.",
     )
