@@ -374,9 +374,33 @@ def commit_fixed_files(directory: Path, files: Mapping[str, Any], marker: str) -
     return directory
 
 
+def commit_from_every_rank(directory: Path, write: Callable[[], Path]) -> Path:
+    """``write()`` for a save that every rank of a sharded (FSDP2) model makes: rank 0 writes,
+    the others wait for it and fail with it. Without a process group, just ``write()``."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return write()
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            write()
+        except BaseException as exc:  # the others must hear of it before anyone raises
+            failure = exc
+    flag = torch.tensor([0 if failure is None else 1])
+    dist.broadcast(flag, src=0)
+    if failure is not None:
+        raise failure
+    if flag.item():
+        raise AdapterFileError(f"rank 0 failed to write {directory}; see its error")
+    return Path(directory)
+
+
 __all__ = [
     "JOURNAL",
     "commit_fixed_files",
+    "commit_from_every_rank",
     "commit_with_manifest",
     "directory_lock",
     "finish_fixed_commit",

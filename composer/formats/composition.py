@@ -30,13 +30,14 @@ from safetensors.torch import save
 from torch import nn
 
 from adapter_composer.errors import AdapterFileError, CompositionError
-from adapter_composer.formats.commit import commit_with_manifest, new_token
+from adapter_composer.formats.commit import commit_from_every_rank, commit_with_manifest, new_token
 from adapter_composer.formats.files import (
     NONFINITE_FIX,
     check_finite,
     check_fit,
     contiguous,
     dtypes,
+    is_sharded,
     member,
     read_safetensors,
     strict_problems,
@@ -97,6 +98,7 @@ def save_composition(composed: Any, directory: Path) -> Path:
     files: dict[str, bytes] = {}
     adapters = {}
     stems = _stems(list(composed.adapters))
+    sharded = any(is_sharded(p) for m in composed._rt.all_modules() for p in m.parameters())
     for name, handle in composed.adapters.items():
         fname = f"adapter.{stems[name]}.{token}.safetensors"
         tensors = contiguous(handle.state_dict())
@@ -126,7 +128,11 @@ def save_composition(composed: Any, directory: Path) -> Path:
         "base_model": composed.fingerprint,
     }
     data = json.dumps(manifest, indent=2, allow_nan=False).encode()
-    return commit_with_manifest(Path(directory), files, MANIFEST, data, referenced_files, token)
+
+    def write() -> Path:
+        return commit_with_manifest(Path(directory), files, MANIFEST, data, referenced_files, token)
+
+    return commit_from_every_rank(Path(directory), write) if sharded else write()
 
 
 # --- strict configs ---------------------------------------------------------------------

@@ -323,5 +323,18 @@ def strict_problems(schema: type, values: Mapping[str, Any], what: str) -> list[
     return []
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """A ``DTensor`` (a parameter of a model sharded with FSDP2's ``fully_shard``)."""
+    return hasattr(tensor, "full_tensor") and hasattr(tensor, "placements")
+
+
 def contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    """Plain CPU copies; sharded tensors are gathered whole first, which is a collective:
+    every rank of the model's mesh must make the same call, in the same order."""
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach()
+        if is_sharded(v):
+            v = v.full_tensor()
+        out[k] = v.to("cpu").contiguous().clone()
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from torch import nn
 
 from adapter_composer.errors import AdapterFileError
 from adapter_composer.formats.files import member, parse_json, require_file
+from adapter_composer.sites import logical_shape
 
 FORMAT = "adapter-composer.composition"
 VERSION = 1
@@ -136,14 +138,18 @@ def referenced_files(directory: Path) -> set[str]:
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Model type, class and every parameter's shape (names as in the unpatched model)."""
-    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
+    """Model type, class and every parameter's shape (names as in the unpatched model).
+
+    Shapes are logical: a bitsandbytes 4-bit weight counts as the [out, in] matrix it packs,
+    so a composition trained on a quantised base loads onto the full-precision model (and
+    back), which is how QLoRA adapters are deployed."""
+    shapes = {name: list(logical_shape(p)) for name, p in model.named_parameters()}
     digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()
     cfg = getattr(model, "config", None)
     return {
         "model_type": getattr(cfg, "model_type", None),
         "class": type(model).__name__,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_parameters": sum(math.prod(v) for v in shapes.values()),
         "shapes_sha256": digest,
         "shapes": shapes,
     }

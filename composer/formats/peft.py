@@ -57,6 +57,7 @@ from adapter_composer.formats.files import (
     contiguous,
     dtypes,
     inside,
+    is_sharded,
     load_safetensors_bytes,
     member,
     parse_json,
@@ -422,6 +423,11 @@ def export_peft(
         raise AdapterFileError(
             f"adapter {name!r} acts on parts of fused layers ({', '.join(sliced[:4])}), which PEFT cannot express; "
             "target the fused module (e.g. 'attn.qkv' on GPT-2) to export it"
+        )
+    if any(is_sharded(p) for p in handle.parameters()):
+        raise AdapterFileError(
+            f"adapter {name!r} lives in a sharded (FSDP) model: save() the composition from it "
+            "(every rank calls save), load that into an unsharded model and export from there"
         )
     codec = record.peft
     tensors = (
