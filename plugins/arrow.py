@@ -199,7 +199,7 @@ def check_graph(graph, registry):
                     plugin=PLUGIN,
                 )
             )
-        if len(set(general)) >= len(spec.children):
+        if not [c for c in spec.children if c not in general]:
             found.append(
                 Diagnostic(
                     code="arrow-general",
