@@ -101,3 +101,17 @@ def test_the_plugins_load_through_entry_points_and_compose_like_builtins(tmp_pat
     assert torch.equal(out, reference)
     assert (out - tiny_llama()(**inputs(batch=4)).logits).abs().amax(dim=(1, 2)).min() > 1e-3  # every row adapted
     assert "arrow(e0:lora, e1:lora, e2:lora)" in composed.plan.explain()
+
+
+def test_the_example_runs():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "routing_methods.py"), "--steps", "3", "--budget", "6"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for row in ("| uniform sum (1/4 each) |", "| arrow (top-2, training-free) |", "| lorahub (CMA-ES, 6 evaluations, 5 examples) |", "| poly, task t2 (trained) |"):
+        assert row in proc.stdout, proc.stdout
+    assert "reload bit-identical: True" in proc.stdout
