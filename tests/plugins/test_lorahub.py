@@ -154,3 +154,34 @@ def test_diagnostics():
         g2.adapter("y", "lora", r=8, targets=["attn.q"])
         g2.op("lorahub", "x", "y", name="ranks")
         ac.compose(tiny_llama(), g2)
+
+
+def test_other_methods_mix_in_parameter_space_safely_from_several_threads():
+    """VeRA experts take the generic path (their own forward on mixed parameters, through a
+    private copy of the first expert): concurrent calls give the sequential results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = tiny_llama()
+    g = ac.Graph()
+    for name in ("a", "b"):
+        g.adapter(name, "vera", r=8, targets=["attn.q", "attn.v"])
+    g.op("lorahub", "a", "b", weights=[0.8, -0.5], name="hub")
+    composed = ac.compose(model, g).eval()
+    with torch.no_grad():
+        for p in composed.parameters():
+            p.normal_(0, 0.5)
+    site = model.model.layers[0].self_attn.q_proj
+    states = [composed.adapters[n].state_dict() for n in ("a", "b")]
+    lam_b = 0.8 * states[0]["layers.0.attn.q.lambda_b"] - 0.5 * states[1]["layers.0.attn.q.lambda_b"]
+    lam_d = 0.8 * states[0]["layers.0.attn.q.lambda_d"] - 0.5 * states[1]["layers.0.attn.q.lambda_d"]
+    leaf = next(m for m in site.modules() if getattr(m, "adapter", None) == "a" and hasattr(m, "op"))
+    a_shared, b_shared = leaf.op.matrices()  # VeRA's frozen shared projections, sliced to the site
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        dense = (b_shared * lam_b[:, None]) @ (a_shared * lam_d[:, None])  # Λ_b B Λ_d A with mixed λ
+        torch.testing.assert_close(site(x), site.base(x) + x @ dense.t(), rtol=0, atol=1e-5)
+    batches = [inputs(batch=2, seed=s) for s in range(8)]
+    sequential = [output(model, b) for b in batches]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = list(pool.map(lambda b: output(model, b), batches))
+    assert all(torch.equal(s, t) for s, t in zip(sequential, threaded, strict=True))
