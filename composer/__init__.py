@@ -17,7 +17,7 @@ methods, operators and architectures, loaded like third-party ones).
 """
 
 from adapter_composer._version import __version__
-from adapter_composer.api import compose, from_peft, load, plan
+from adapter_composer.api import compose, from_peft, from_pretrained, load, plan
 from adapter_composer.errors import AdapterFileError, ComposerError, CompositionError, RoutingError
 from adapter_composer.formats.peft import PeftAdapter, read_peft
 from adapter_composer.live.composed import Composed
@@ -48,6 +48,7 @@ __all__ = [
     "compose",
     "default_registry",
     "from_peft",
+    "from_pretrained",
     "hookimpl",
     "load",
     "load_registry",

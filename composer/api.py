@@ -8,13 +8,15 @@ diagnostic), :func:`plan` (the frozen plan, without touching the model), :func:`
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from adapter_composer.errors import CompositionError
+from adapter_composer.errors import AdapterFileError, CompositionError
 from adapter_composer.formats.composition import read_composition
 from adapter_composer.formats.peft import read_peft
 from adapter_composer.live.composed import Composed
+from adapter_composer.live.hf import SUBDIR, composition_dir, load_base
 from adapter_composer.pipeline.graph import Graph
 from adapter_composer.pipeline.plan import Plan, make_plan
 from adapter_composer.pipeline.validate import analyse
@@ -45,18 +47,56 @@ def load(
     registry: Registry | None = None,
     check_base: bool = True,
 ) -> Composed:
-    """Apply a saved composition to ``model`` and load its weights.
+    """Apply a saved composition to ``model`` and load its weights. ``directory`` is a saved
+    composition or a directory written by the composed model's ``save_pretrained``.
 
     Refuses a base model whose fingerprint differs (``check_base=False`` skips that check;
     tensor shapes are always checked). On any error the model is left unchanged.
     """
-    saved = read_composition(directory, model, check_base=check_base)
+    saved = read_composition(composition_dir(directory), model, check_base=check_base)
     composed = compose(model, saved.graph, registry=registry)
     try:
         saved.load_into(composed)
     except BaseException:
         composed.undo()
         raise
+    return composed
+
+
+def from_pretrained(
+    model: nn.Module | type,
+    directory: str | Path,
+    *,
+    registry: Registry | None = None,
+    **kwargs: Any,
+) -> Composed:
+    """Load a composed model, the way HF's ``from_pretrained`` reads.
+
+    ``from_pretrained(AutoModelForX, d)`` (a transformers model class): ``d`` was written by a
+    composed model's ``save_pretrained`` or ``Trainer.save_model``; the base model is loaded from
+    it (``kwargs`` go to the class's ``from_pretrained``), then the composition, with identical
+    outputs. ``from_pretrained(model, d)`` (a model): PEFT's ``PeftModel.from_pretrained(model, d)``
+    spelling of :func:`load`, for a saved composition or such a directory.
+    """
+    if isinstance(model, nn.Module):
+        if kwargs:
+            raise TypeError(f"from_pretrained(model, directory) takes no model options, got {sorted(kwargs)}")
+        return load(model, directory, registry=registry)
+    directory = Path(directory)
+    if not (directory / SUBDIR / "composition.json").is_file():
+        raise AdapterFileError(
+            f"{directory} was not written by a composed model's save_pretrained (no {SUBDIR}/composition.json); "
+            "for a composition saved with composed.save(d), load the base model and call ac.load(base, d)"
+        )
+    base, info = load_base(model, directory, **kwargs)
+    composed = load(base, directory / SUBDIR, registry=registry)
+    live = set(composed.model.state_dict())
+    problems = [f"missing (re-initialised): {k}" for k in sorted(info.get("missing_keys", ()))]
+    problems += [f"unexpected: {k}" for k in sorted(set(info.get("unexpected_keys", ())) - live)]
+    problems += [f"mismatched: {k}" for k in sorted(info.get("mismatched_keys", ()))]
+    if problems:
+        composed.undo()
+        raise AdapterFileError(f"{directory} does not hold the weights of this model:\n  " + "\n  ".join(problems[:20]))
     return composed
 
 
@@ -80,4 +120,4 @@ def from_peft(
     return composed
 
 
-__all__ = ["compose", "from_peft", "load", "plan"]
+__all__ = ["compose", "from_peft", "from_pretrained", "load", "plan"]

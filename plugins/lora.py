@@ -247,6 +247,9 @@ class LoraPeftCodec:
         "lora_B.weight": "lora_B",
         "lora_magnitude_vector": "magnitude",
     }
+    # modules_to_save, layers_to_transform and layers_pattern are read by the host for every
+    # method (adapter_composer.formats.peft_options); a config that still has them reaches
+    # this codec only when called directly, and they are refused then.
     unsupported = {
         "layers_to_transform": None,
         "modules_to_save": None,

@@ -2,6 +2,9 @@
 
     route{sst2: a, mrpc: b}     row i gets child[key_i]; rows without a key get the base model
 
+Behind a route, copies of a whole module (the ``module`` method) give per-task heads: row i
+runs the copy of its key, rows without a key the base module.
+
 Keys come with the call: ``model(**batch, route=["sst2", "mrpc", None, ...])`` or
 ``with composed.routing(keys): ...``. Each site computes its children on their own rows
 only (grouped), or, when every child is a plain low-rank delta, gathers one A/B pair per
@@ -24,6 +27,7 @@ from adapter_composer.registry import hookimpl
 from adapter_composer.runtime.linear import NF
 from adapter_composer.runtime.lowrank import LowRankBank, lowrank_of, routed_delta
 from adapter_composer.runtime.model import SegmentCall, Segments
+from adapter_composer.runtime.module import ModuleCall, routed_output
 from adapter_composer.runtime.sublayer import SublayerCall
 
 
@@ -137,6 +141,16 @@ class RouteNode(nn.Module):
             total = total.index_copy(0, rows, r.to(total.dtype))
         return total
 
+    # --- module sites (per-key copies of a whole module, e.g. per-task heads) ----------
+
+    def module_output(self, call: ModuleCall) -> Any:
+        if call.batch is None:
+            raise RoutingError(f"route node {self.node!r}: module site {call.site.path!r} received no batched tensor")
+        slots = self._slots(call, call.batch, call.device)
+        if slots is None or not self.keys:
+            return None
+        return routed_output(call, slots, list(self.items), self.node)
+
     # --- prompt and prefix sites ------------------------------------------------------
 
     def segments(self, call: SegmentCall) -> Segments | None:
@@ -177,7 +191,7 @@ def register_operators(register):
     register.operator(
         "route",
         options=RouteOptions,
-        families={"linear": _route, "sublayer": _route, "prompt": _route, "prefix": _route},
+        families={"linear": _route, "sublayer": _route, "prompt": _route, "prefix": _route, "module": _route},
         keyed=True,
         check=_check,
         description="Per-example selection by key in one batch; rows without a key use the base model.",

@@ -8,6 +8,7 @@ from __future__ import annotations
 from adapter_composer.registry import hookimpl
 from adapter_composer.runtime import SiteBuild
 from adapter_composer.runtime.linear import LinearSite
+from adapter_composer.runtime.module import ModuleSite
 from adapter_composer.runtime.sublayer import SublayerSite
 from adapter_composer.sites import is_linear
 
@@ -22,6 +23,10 @@ def build_site(base, family, site: SiteBuild):
         return built
     if family == "sublayer":
         built = SublayerSite(base, site.info, site.program)
+        built.state = site.state
+        return built
+    if family == "module":
+        built = ModuleSite(base, site.info, site.program)
         built.state = site.state
         return built
     return None

@@ -43,6 +43,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "adapter_composer.plugins.galore",
     "adapter_composer.plugins.prompt",
     "adapter_composer.plugins.prefix",
+    "adapter_composer.plugins.modules",
 )
 
 

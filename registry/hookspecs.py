@@ -87,7 +87,7 @@ def build_site(base, family, site):
     """Decide who builds the runtime module for one site.
 
     Receives: ``base``, the model's original module at the site; ``family``, the
-    site family (``"linear"``, ``"sublayer"``); ``site``, the
+    site family (``"linear"``, ``"sublayer"``, ``"module"``); ``site``, the
     :class:`adapter_composer.sites.SiteInfo` describing it.
     Returns: a site module (see :mod:`adapter_composer.runtime`) wrapping ``base``, or ``None``
     to let the next plugin decide. The first non-``None`` answer wins; the built-in

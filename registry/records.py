@@ -16,6 +16,7 @@ KINDS: Mapping[str, str] = {
     "sublayer.parallel": "sublayer",  # h ↦ h + f(x), x the sublayer's input
     "attention.kv_prefix": "prefix",  # keys = [P; K], values = [P; V] in every attention layer
     "input.embeddings": "prompt",  # inputs_embeds = [P; embed(ids)]
+    "module.replace": "module",  # y = M'(x): a trainable copy M' of a whole module (head, embedding, norm)
     "optimizer": "optimizer",  # acts on how parameters are trained, not on the forward pass
 }
 

@@ -12,6 +12,8 @@ block's namespace instead.
     peft_dir                          a LoRA (r=4 on q_proj, v_proj) written by HF PEFT for that Llama
     encoder, tokenizer                a tiny BERT encoder and a word-level tokenizer for it
     data_dir                          GLUE-style TSVs: data_dir/MRPC/{train,dev}.tsv, data_dir/SST-2/...
+    classifier_dir                    a tiny BertForSequenceClassification (2 labels) written with save_pretrained
+    train_data                        a datasets.Dataset for it: input_ids, attention_mask, labels (64 rows)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
+from tests.hf.helpers import classification_data, tiny_bert_classifier
 from tests.models import tiny_tokenizer
 
 WORDS = ["the", "a", "film", "movie", "good", "bad", "great", "awful", "plot", "actor", "said", "company", "shares", "rose", "fell", "today"]
@@ -72,6 +75,8 @@ def namespace(root: Path) -> dict[str, Any]:
     _peft_lora(model_dir, peft_dir)
     data_dir = root / "fixture" / "glue"
     _glue(data_dir)
+    classifier_dir = root / "fixture" / "tiny-bert-classifier"
+    tiny_bert_classifier().save_pretrained(classifier_dir)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(2, 128, (4, 12), generator=g)
     prompt_ids = torch.randint(2, 128, (2, 5), generator=g)
@@ -92,4 +97,6 @@ def namespace(root: Path) -> dict[str, Any]:
         "encoder": encoder,
         "tokenizer": tiny_tokenizer(WORDS),
         "data_dir": str(data_dir),
+        "classifier_dir": str(classifier_dir),
+        "train_data": classification_data(),
     }

@@ -11,6 +11,10 @@ translates its config and its tensor names. A codec has:
     split_tensors(raw), join_tensors(handle, sites)   optional, for other layouts (shared
                                     or model-level tensors); see :func:`split_tensors`.
 
+The host itself handles what every method shares (:mod:`adapter_composer.formats.peft_options`):
+``modules_to_save`` and task-type heads (our ``module`` method), ``layers_to_transform``,
+suffix-style ``target_modules`` and the metadata fields PEFT writes.
+
 Tensors are grouped by *where* they belong: a module path (a site), ``"shared"`` (the
 adapter's shared module) or ``"model"`` (a model-level site). ``peft`` is never imported.
 """
@@ -18,27 +22,39 @@ adapter's shared module) or ``"model"`` (a model-level site). ``peft`` is never 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from adapter_composer.errors import AdapterFileError
+from adapter_composer.errors import AdapterFileError, ComposerError
 from adapter_composer.formats.files import (
     check_tensors,
     contiguous,
     read_safetensors,
     write_directory_atomically,
 )
-from adapter_composer.pipeline.graph import Graph
+from adapter_composer.formats.peft_options import (
+    PATH_LISTS,
+    PEFT_FORMAT_VERSION,
+    PREFIX,
+    layer_problems,
+    missing_modules,
+    peft_task_type,
+    split_module_tensors,
+    suffix_targets,
+    take_host_options,
+)
+from adapter_composer.pipeline.graph import Graph, OperatorSpec
 from adapter_composer.registry import MethodRecord, Registry, default_registry
 
-PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+MODULES = "_modules"  # suffix of the name under which an import declares its modules_to_save
 
 
 @dataclass(frozen=True)
@@ -50,14 +66,26 @@ class PeftAdapter:
     targets: tuple[str, ...]
     tensors: Mapping[str, Mapping[str, torch.Tensor]]  # module path -> our tensor name -> tensor
     source: Path
+    modules: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save
+    saved_names: tuple[str, ...] = ()  # the names modules_to_save lists
 
     def declare(self, graph: Graph, name: str) -> str:
-        """Declare this adapter in ``graph`` under ``name``."""
+        """Declare this adapter in ``graph`` under ``name``; its ``modules_to_save`` (heads
+        and other whole modules) become a ``module`` adapter named ``<name>_modules``."""
         targets = list(self.targets) if self.targets else None
-        return graph.adapter(name, self.method, targets=targets, **dict(self.config))
+        node = graph.adapter(name, self.method, targets=targets, **dict(self.config))
+        if self.modules:
+            graph.adapter(name + MODULES, "module", targets=[f"re:{re.escape(p)}" for p in sorted(self.modules)])
+        return node
 
     def load_into(self, composed: Any, name: str) -> None:
         """Copy the weights into adapter ``name`` of ``composed`` (checked first)."""
+        lacking = missing_modules(self.saved_names, self.modules, composed._analysis.resolver.names)
+        if lacking:
+            raise AdapterFileError(
+                f"{self.source}: modules_to_save names {lacking}, which this model has, but {WEIGHTS} holds no "
+                "tensors for them (PEFT always saves them): the file is incomplete"
+            )
         handle = composed.adapters[name]
         tensors = {f"{key}.{t}": v for key in handle.modules for t, v in self._for(key).items()}
         tensors.update({f"shared.{t}": v for t, v in self.tensors.get("shared", {}).items()})
@@ -66,6 +94,16 @@ class PeftAdapter:
             raise AdapterFileError(
                 "the PEFT adapter does not fit the model:\n  " + "\n  ".join(problems)
             )
+        handle.load_tensors(tensors)
+        if self.modules:
+            self._load_modules(composed, name + MODULES)
+
+    def _load_modules(self, composed: Any, name: str) -> None:
+        handle = composed.adapters[name]
+        tensors = {f"module.{p}.{t}": v for p, values in self.modules.items() for t, v in values.items()}
+        problems = check_tensors(f"{self.source} (modules_to_save)", tensors, handle.expected_shapes())
+        if problems:
+            raise AdapterFileError("the PEFT adapter's modules_to_save do not fit the model:\n  " + "\n  ".join(problems))
         handle.load_tensors(tensors)
 
     def _for(self, key: str) -> Mapping[str, torch.Tensor]:
@@ -145,11 +183,14 @@ def read_peft(directory: str | Path, *, registry: Registry | None = None) -> Pef
         raise AdapterFileError(f"{cfg_path} is not valid JSON: {exc}") from None
     method = _method_for(registry, str(peft_config.get("peft_type")))
     try:
+        peft_config, host = take_host_options(peft_config)  # modules_to_save, layers_to_transform
         config = method.peft.from_peft(peft_config)
     except ValueError as exc:
         raise AdapterFileError(f"{cfg_path}: {exc}") from None
-    raw = read_safetensors(directory / WEIGHTS)
     codec = method.peft
+    raw, modules = split_module_tensors(
+        read_safetensors(directory / WEIGHTS), host.modules, getattr(codec, "tensor_names", {})
+    )
     try:
         tensors = (
             codec.split_tensors(raw)
@@ -159,14 +200,91 @@ def read_peft(directory: str | Path, *, registry: Registry | None = None) -> Pef
     except ValueError as exc:
         raise AdapterFileError(f"{directory / WEIGHTS}: {exc}") from None
     targets = tuple(sorted(w for w in tensors if w not in ("shared", "model")))
-    return PeftAdapter(method.name, config, targets, tensors, directory)
+    problems = layer_problems(targets, host)
+    if problems:
+        raise AdapterFileError(f"{directory / WEIGHTS} adapts layers its config excludes:\n  " + "\n  ".join(problems))
+    return PeftAdapter(method.name, config, targets, tensors, directory, modules, host.saved)
 
 
-def export_peft(composed: Any, name: str, directory: Path) -> Path:
+def _always_on(graph: Graph, name: str) -> bool:
+    """Whether adapter ``name`` acts on every call: no route, sum or mix above it."""
+    parents = [s for s in graph.specs.values() if isinstance(s, OperatorSpec) and name in s.children]
+    return all(p.operator == "stack" and _always_on(graph, p.name) for p in parents)
+
+
+def _modules_to_save(composed: Any, modules: Sequence[str] | None) -> list[str]:
+    copies = [n for n, h in composed.adapters.items() if h.method == "module"]
+    if modules is None:
+        return [n for n in copies if _always_on(composed.graph, n)]
+    wrong = [m for m in modules if m not in copies]
+    if wrong:
+        raise ComposerError(
+            f"modules={wrong} are not 'module' adapters of this composition (those are: {sorted(copies)})"
+        )
+    return list(modules)
+
+
+def peft_metadata(
+    composed: Any,
+    peft_config: Mapping[str, Any],
+    infos: list[Any],
+    module_paths: list[str],
+    *,
+    base_model_name_or_path: str | None,
+    revision: str | None,
+    task_type: str | None,
+) -> dict[str, Any]:
+    """The fields PEFT writes besides the method's own, and suffix-style target names.
+
+    ``task_type`` follows the model class (``BertForSequenceClassification`` → ``SEQ_CLS``),
+    ``base_model_name_or_path`` the model's ``config._name_or_path`` (where it was loaded
+    from), ``peft_version`` the PEFT format these files follow (:data:`PEFT_FORMAT_VERSION`)."""
+    model = composed.model
+    out = dict(peft_config)
+    out["task_type"] = task_type or out.get("task_type") or peft_task_type(model)
+    out["base_model_name_or_path"] = base_model_name_or_path or (
+        getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    )
+    out["revision"] = revision
+    out["peft_version"] = PEFT_FORMAT_VERSION
+    out["modules_to_save"] = sorted(module_paths) or None
+    paths = sorted({i.path for i in infos})
+    if isinstance(out.get("target_modules"), list) and sorted(out["target_modules"]) == paths:
+        layered = "layers_to_transform" in out  # PEFT's config class of this method has the field
+        subsets = [out[k] for k in PATH_LISTS[1:] if isinstance(out.get(k), list) and set(out[k]) <= set(paths)]
+        spec = suffix_targets(
+            paths, composed._analysis.resolver.names, module_paths, use_layers=layered, subsets=subsets
+        )
+        for key in PATH_LISTS:
+            if isinstance(out.get(key), list):
+                out[key] = sorted({spec.name_of.get(p, p) for p in out[key]})
+        if layered:
+            out["layers_to_transform"] = spec.layers_to_transform
+            out["layers_pattern"] = spec.layers_pattern
+    return out
+
+
+def export_peft(
+    composed: Any,
+    name: str,
+    directory: Path,
+    *,
+    modules: Sequence[str] | None = None,
+    base_model_name_or_path: str | None = None,
+    revision: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write adapter ``name`` as PEFT does, with ``modules`` (``module`` adapters; by default
+    every one that acts on every call) as ``modules_to_save``."""
     if name not in composed.adapters:
-        raise KeyError(f"no adapter {name!r}; adapters: {sorted(composed.adapters)}")
+        raise ComposerError(f"no adapter {name!r}; adapters: {sorted(composed.adapters)}")
     handle = composed.adapters[name]
     record = composed.registry.method(handle.method)
+    if handle.method == "module":
+        raise ComposerError(
+            f"adapter {name!r} is a whole-module copy: PEFT saves those as modules_to_save of another adapter; "
+            f"export that one, e.g. to_peft('<lora adapter>', directory, modules=[{name!r}])"
+        )
     if record.peft is None:
         raise AdapterFileError(
             f"method {handle.method!r} has no PEFT equivalent, so adapter {name!r} cannot be exported"
@@ -184,7 +302,26 @@ def export_peft(composed: Any, name: str, directory: Path) -> Path:
         if hasattr(codec, "join_tensors")
         else join_tensors(handle, infos, codec.tensor_names)
     )
-    peft_config = record.peft.to_peft(handle.config, infos)
+    module_paths = []
+    for copy_name in _modules_to_save(composed, modules):
+        copies = composed.adapters[copy_name]
+        for info in composed._rt.infos[copy_name].values():
+            if info.path in module_paths:
+                raise ComposerError(
+                    f"two of modules={list(modules or [])} copy {info.path!r}; a PEFT file holds one copy per module"
+                )
+            module_paths.append(info.path)
+            for t, value in copies.modules[info.key].state_dict().items():
+                tensors[f"{PREFIX}{info.path}.{t}"] = value
+    peft_config = peft_metadata(
+        composed,
+        codec.to_peft(handle.config, infos),
+        infos,
+        module_paths,
+        base_model_name_or_path=base_model_name_or_path,
+        revision=revision,
+        task_type=task_type,
+    )
     tensors = contiguous(tensors)
     files = {
         WEIGHTS: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),

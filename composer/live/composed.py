@@ -27,6 +27,7 @@ from adapter_composer.pipeline.validate import Analysis, analyse
 from adapter_composer.registry import Diagnostic, Registry, default_registry
 from adapter_composer.runtime import CONTAINER_ATTR
 from adapter_composer.runtime.linear import LinearSite
+from adapter_composer.runtime.module import ModuleSite
 from adapter_composer.runtime.state import CallState
 
 
@@ -74,6 +75,11 @@ class Composed:
             raise TypeError(f"compose() needs an adapter_composer.Graph, got {type(graph).__name__}")
         if _already_composed(model):
             raise ComposerError("this model already has a composition applied; call undo() on it first")
+        from adapter_composer.live.hf import install, peft_diagnostic
+
+        peft = peft_diagnostic(model)
+        if peft is not None:
+            raise CompositionError([peft])
         registry = registry or default_registry()
         analysis = analyse(graph, registry, model)
         if analysis.diagnostics:
@@ -92,7 +98,9 @@ class Composed:
                 )
             block_paths[layer] = path
         patch = patch_model(model, runtime, state, the_plan, block_paths=block_paths)
-        return cls(model, graph.copy(), the_plan, registry, analysis, runtime, patch, state, print_)
+        composed = cls(model, graph.copy(), the_plan, registry, analysis, runtime, patch, state, print_)
+        install(composed)  # save_pretrained / Trainer checkpoints that reload (see adapter_composer.live.hf)
+        return composed
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -153,6 +161,30 @@ class Composed:
         if rest:
             groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay})
         return groups
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's line: ``trainable params: T || all params: A || trainable%: P``, where, as in
+        PEFT, A counts every parameter (the frozen base and the adapters) and P = 100·T/A.
+        (:meth:`trainable_parameters` gives the per-adapter table, with T as % of the base.)"""
+        report = self.trainable_parameters()
+        total = report.trainable + report.base
+        print(
+            f"trainable params: {report.trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * report.trainable / max(total, 1):.4f}"
+        )
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model inside the block, without undoing anything (PEFT's
+        ``disable_adapter()``). It holds for calls made in this thread (or asyncio task) only:
+        other threads using the model meanwhile still get the composition."""
+        from adapter_composer.runtime.switch import switched_off
+
+        self._require_active()
+        if self.merged:
+            raise ComposerError("the composition is merged into the weights; call unmerge() before disable_adapter()")
+        with switched_off(self.state):
+            yield
 
     def trainable_parameters(self) -> ParameterReport:
         per_adapter = {n: h.num_parameters(trainable_only=True) for n, h in self.adapters.items()}
@@ -234,11 +266,11 @@ class Composed:
 
     # --- merging ----------------------------------------------------------------------
 
-    def _merge_problems(self) -> tuple[list[LinearSite], list[Diagnostic], set[str]]:
+    def _merge_problems(self) -> tuple[list[nn.Module], list[Diagnostic], set[str]]:
         mergeable, problems, unmerged = [], [], set()
         for (path, family), site in self._rt.sites.items():
             prog = self.plan.site(path, family).program
-            if family != "linear" or not isinstance(site, LinearSite):
+            if not _foldable_site(family, site):
                 unmerged.update(leaf.adapter for leaf in prog.leaves())
                 continue
             reasons = _unfoldable(prog, self._analysis)
@@ -299,12 +331,12 @@ class Composed:
     def unmerge(self) -> None:
         """Restore the weights saved by :meth:`merge` (bit-identical)."""
         for site in self._rt.sites.values():
-            if isinstance(site, LinearSite):
+            if hasattr(site, "unmerge"):
                 site.unmerge()
 
     @property
     def merged(self) -> bool:
-        return any(isinstance(s, LinearSite) and s.merged for s in self._rt.sites.values())
+        return any(getattr(s, "merged", False) for s in self._rt.sites.values())
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
@@ -313,7 +345,7 @@ class Composed:
         Irreversible: the original weights are not kept."""
         self.merge()
         for site in self._rt.sites.values():
-            if isinstance(site, LinearSite):
+            if hasattr(site, "forget_originals"):
                 site.forget_originals()
         undo_patch(self._patch)
         return self.model
@@ -326,15 +358,40 @@ class Composed:
 
         return save_composition(self, Path(directory))
 
-    def to_peft(self, name: str, directory: str | Path) -> Path:
-        """Export adapter ``name`` in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """PEFT's spelling of :meth:`save`: the composition only (``ac.from_pretrained(model, d)``
+        or ``ac.load`` reads it). ``composed.model.save_pretrained(d)`` writes the whole model."""
+        return self.save(directory)
+
+    def to_peft(
+        self,
+        name: str,
+        directory: str | Path,
+        *,
+        modules: Sequence[str] | None = None,
+        base_model_name_or_path: str | None = None,
+        revision: str | None = None,
+        task_type: str | None = None,
+    ) -> Path:
+        """Export adapter ``name`` in PEFT's format, with PEFT's metadata and ``modules`` (``module``
+        adapters; by default those acting on every call) as ``modules_to_save``; see
+        :func:`adapter_composer.formats.peft.export_peft`."""
         from adapter_composer.formats.peft import export_peft
 
-        return export_peft(self, name, Path(directory))
+        return export_peft(
+            self, name, Path(directory), modules=modules, base_model_name_or_path=base_model_name_or_path,
+            revision=revision, task_type=task_type,
+        )
 
     def __repr__(self) -> str:
         state = "undone" if self._patch.undone else ("merged" if self.merged else "active")
         return f"Composed({type(self.model).__name__}, {len(self.adapters)} adapters, {len(self.plan.sites)} sites, {state})"
+
+
+def _foldable_site(family: str, site: nn.Module) -> bool:
+    """Sites whose program can be folded into the base module: linear layers (the normal
+    form over weights) and module copies (the trained copy is copied back)."""
+    return (family == "linear" and isinstance(site, LinearSite)) or (family == "module" and isinstance(site, ModuleSite))
 
 
 def _already_composed(model: nn.Module) -> bool:

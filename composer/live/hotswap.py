@@ -180,6 +180,11 @@ def load_adapter(composed: Any, directory: str | Path, *, name: str, route: str,
     directory = Path(directory)
     if (directory / CONFIG).is_file():
         peft = read_peft(directory, registry=composed.registry)
+        if peft.modules:
+            raise ComposerError(
+                f"{directory} also holds whole modules (modules_to_save: {sorted(peft.modules)}); hot swap serves one "
+                "adapter per key, so re-compose instead: ac.from_peft, or a route over stack(adapter, module copy)"
+            )
         handle = add_adapter(composed, name, peft.method, route=route, key=key, targets=list(peft.targets), **dict(peft.config))
         peft.load_into(composed, name)
         return handle

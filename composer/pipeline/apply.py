@@ -18,6 +18,7 @@ from adapter_composer.registry import Registry
 from adapter_composer.runtime import CONTAINER_ATTR, Container, SharedRef, SiteBuild
 from adapter_composer.runtime.linear import Leaf as LinearLeaf
 from adapter_composer.runtime.model import ModelHook, SegmentLeaf, SegmentSite
+from adapter_composer.runtime.module import ModuleLeaf
 from adapter_composer.runtime.state import CallState
 from adapter_composer.runtime.sublayer import SublayerLeaf
 from adapter_composer.sites import SiteInfo
@@ -106,6 +107,8 @@ def _leaf(rt: Runtime, leaf: Leaf, family: str, sp: SitePlan) -> nn.Module:
         return LinearLeaf(leaf.adapter, leaf.kind, module, info, sp.out_features)
     if family == "sublayer":
         return SublayerLeaf(leaf.adapter, leaf.kind, module, info)
+    if family == "module":
+        return ModuleLeaf(leaf.adapter, leaf.kind, module, info)
     if family in MODEL_FAMILIES:
         return SegmentLeaf(leaf.adapter, leaf.kind, module, info)
     raise NotImplementedError(f"no runtime for site family {family!r}")

@@ -254,7 +254,12 @@ class Resolver:
             )
             kind = method.kind_for(config, probe)
             family = KINDS[kind]
-            if self.arch is not None and loc.role is not None and kind not in self.arch.provides:
+            if (
+                self.arch is not None
+                and loc.role is not None
+                and kind not in self.arch.provides
+                and family != "module"  # a copy of a module needs nothing from the architecture
+            ):
                 local.append(self._point_missing(spec, kind))
                 continue
             site = self._site(spec, method, loc, kind, family, local)
@@ -351,6 +356,8 @@ class Resolver:
                 out_features=width,
                 module=module,
             )
+        if family == "module":
+            return self._module_site(spec, method, loc, kind, module, common, diags)
         diags.append(
             Diagnostic(
                 code="kind-target-mismatch",
@@ -360,6 +367,25 @@ class Resolver:
             )
         )
         return None
+
+
+    def _module_site(self, spec, method, loc, kind, module, common, diags) -> SiteInfo | None:
+        """A whole-module site: the module a role or name resolves to, never part of one."""
+        if isinstance(loc.target, Slice | Sublayer):
+            what = "part of a fused module" if isinstance(loc.target, Slice) else "a sublayer (two modules)"
+            diags.append(
+                Diagnostic(
+                    code="kind-target-mismatch",
+                    message=f"adapter {spec.name!r} ({method.name}, {kind}) copies a whole module, "
+                    f"but role {loc.role!r} is {what}",
+                    nodes=(spec.name,),
+                    sites=(loc.path,),
+                    fix="target the module itself by name (e.g. 'c_attn', 'classifier', 'lm_head')",
+                )
+            )
+            return None
+        fan_in, fan_out = linear_shape(module) if is_linear(module) else (0, 0)
+        return SiteInfo(**common, in_features=fan_in, out_features=fan_out, module=module)
 
 
 def _merge_repeats(diags: list[Diagnostic]) -> list[Diagnostic]:

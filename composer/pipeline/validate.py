@@ -8,7 +8,10 @@ adapters   unknown-method, bad-config
 targets    unknown-role, role-missing, no-architecture, pattern-matches-nothing, no-targets,
            target-not-linear, point-missing, bad-layers, role-path-missing, kind-target-mismatch
 sites      unsupported-operator, no-declared-order, incompatible-scales, method-conflict,
-           stack-order, plugin-check-failed (and whatever plugins add through check_graph)
+           stack-order, plugin-check-failed (and whatever plugins add through check_graph:
+           the module method's module-overlap, module-replaced-twice, module-tied,
+           module-not-trainable)
+model      peft-model (raised by compose before validation: a PeftModel is not composed onto)
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ class GraphView:
     @property
     def nx(self) -> nx.DiGraph:
         return self._a.graph.nx
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model being composed (to read, never to change), when one is known."""
+        return self._a.model
 
     def roots(self) -> list[str]:
         return self._a.graph.roots()

@@ -43,6 +43,7 @@ from torch import nn
 from adapter_composer.sites import SiteInfo, linear_weight
 
 from .state import CallState
+from .switch import adapters_off
 
 
 @dataclass
@@ -273,7 +274,7 @@ class LinearSite(nn.Module):
         return linear_weight(self.base)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.merged or not self.active:
+        if self.merged or not self.active or adapters_off(self.state):
             return self.base(x, *args, **kwargs)
         call = LinearCall(self, x)
         if not self.has_scale_in:

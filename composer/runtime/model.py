@@ -31,6 +31,7 @@ from adapter_composer.errors import RoutingError
 from adapter_composer.sites import SiteInfo
 
 from .state import CallState
+from .switch import adapters_off
 
 VIRTUAL = "_adapter_composer_virtual"  # attribute set on caches that hold virtual positions
 ROUTE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("adapter_composer_route", default=None)
@@ -176,7 +177,7 @@ class ModelHook:
         route = kwargs.pop("route", None)
         cache = kwargs.get(self.cache_key, kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        if self.prompt is None and self.prefix is None:
+        if (self.prompt is None and self.prefix is None) or adapters_off(self.state):
             first = args[0] if args and isinstance(args[0], torch.Tensor) else None
             batch = int(first.shape[0]) if first is not None else _batch_size(kwargs)
             self.state.begin(self._route(route, batch), continuing=past > 0)

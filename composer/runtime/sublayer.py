@@ -27,6 +27,7 @@ from torch import nn
 from adapter_composer.sites import SiteInfo
 
 from .state import CallState
+from .switch import adapters_off
 
 
 class SublayerCall:
@@ -129,7 +130,7 @@ class SublayerSite(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base(*args, **kwargs)
-        if not self.active:
+        if not self.active or adapters_off(self.state):
             self._pending = None
             return out
         if self.own_input:
