@@ -37,6 +37,12 @@ Composition: LoftQ defines the base of its sites, so
   replacement, so W x + Σ wᵢ Δᵢ(x) would not hold; scales (IA3) cannot share its sites.
 
 Merge is refused (``mergeable=False``): folding s·B A into a 2/4/8-bit weight is not exact.
+
+bitsandbytes bases: refused (``loftq-quantized-base``). LoftQ is an alternative to loading a
+model in 4-bit, not a layer on top of it: its B A is fitted to W − deq(Q(W)), so it needs the
+full-precision W, which a ``Linear4bit`` / ``Linear8bitLt`` no longer holds (fitting to its
+W_deq leaves almost no residual at 4 bits: NF4 of an NF4 weight is itself).
+Compose LoftQ on the full-precision model, or plain LoRA on the quantised one (QLoRA).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from adapter_composer.errors import ComposerError
 from adapter_composer.plugins.quantize import dequantize, quantize
 from adapter_composer.registry import Capabilities, Diagnostic, hookimpl
 from adapter_composer.runtime.linear import Leaf, LinearSite
-from adapter_composer.sites import is_linear, linear_shape
+from adapter_composer.sites import is_linear, linear_shape, quantization
 
 METHOD = "loftq"
 PLUGIN = "adapter_composer.plugins.loftq"
@@ -308,6 +314,28 @@ def _shape_problems(name: str, config: LoftqConfig, sites: list[Any]) -> list[Di
     return out
 
 
+def _quantized_base(name: str, sites: list[Any]) -> list[Diagnostic]:
+    """LoftQ needs the full-precision W: it fits B A to W − deq(Q(W)) and quantises W itself."""
+    hits = [s for s in sites if s.module is not None and quantization(s.module) is not None]
+    if not hits:
+        return []
+    kinds = sorted({quantization(s.module) for s in hits})
+    return [
+        Diagnostic(
+            code="loftq-quantized-base",
+            message=f"adapter {name!r} ({METHOD}) targets {len(hits)} layer(s) that are already "
+            f"quantised ({', '.join(kinds)}): LoftQ fits its B A to the error W − deq(Q(W)) of "
+            "quantising the full-precision W, which a quantised model no longer holds",
+            nodes=(name,),
+            sites=tuple(s.key for s in hits),
+            rule="LoftQ quantises the base itself (block-wise NF2/NF4/NF8) and needs the original weights",
+            fix="compose LoftQ on the full-precision model (it then runs on its own NF4 base), "
+            "or use plain LoRA on the bitsandbytes model (QLoRA)",
+            plugin=PLUGIN,
+        )
+    ]
+
+
 # --- hooks ------------------------------------------------------------------------------
 
 _ROOT_FIX = "declare the LoftQ adapter at the top level of the graph; deltas declared beside it add to its quantised base"
@@ -330,6 +358,7 @@ def check_graph(graph, registry):
         config = graph.config(name)
         if isinstance(config, LoftqConfig):  # otherwise bad-config was already reported
             found += _shape_problems(name, config, graph.sites(name))
+        found += _quantized_base(name, graph.sites(name))
     shared: dict[tuple[str, ...], list[str]] = {}
     under: dict[tuple[str, str, str], list[str]] = {}
     for (path, family), program in graph.programs.items():

@@ -27,6 +27,7 @@ ENTRY_POINT_GROUP = "adapter_composer"
 # Built-in plugins, loaded by module name through the same path as third-party ones.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "adapter_composer.plugins.sites",
+    "adapter_composer.plugins.bnb",
     "adapter_composer.plugins.operators",
     "adapter_composer.plugins.route",
     "adapter_composer.plugins.mix",
@@ -34,6 +35,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "adapter_composer.plugins.poly",
     "adapter_composer.plugins.lorahub",
     "adapter_composer.plugins.architectures",
+    "adapter_composer.plugins.arch_t5",
+    "adapter_composer.plugins.arch_moe",
     "adapter_composer.plugins.lora",
     "adapter_composer.plugins.bottleneck",
     "adapter_composer.plugins.ia3",

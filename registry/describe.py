@@ -8,6 +8,8 @@ from .records import Module, Slice, Sublayer
 
 
 def _target(t: Any) -> str:
+    if isinstance(t, tuple):
+        return "; ".join(f"{x.stack}: {_target(x)}" for x in t)
     if isinstance(t, Module):
         return t.path
     if isinstance(t, Slice):
@@ -58,6 +60,8 @@ def describe(registry: Any) -> str:
         lines.append(f"      insertion points: {', '.join(sorted(a.provides))}")
         for role, target in a.roles.items():
             lines.append(f"      {role:<10} {_target(target)}")
+        for role, reason in a.unsupported.items():
+            lines.append(f"      {role:<10} not supported: {reason}")
     rules = registry.rules
     if rules.refusals or rules.conflicts or rules.orders:
         lines.append("")

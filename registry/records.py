@@ -67,20 +67,37 @@ class Capabilities:
 # --- role targets: how an architecture maps a role to the model -------------------------
 
 
+# Every target may name a ``stack`` (encoder-decoder models: ``"enc"``, ``"dec"``): a role
+# mapped to a tuple of targets, one per stack, acts on all of them; ``"enc.attn.q"`` picks one.
+# Sites of a stack get keys ``<stack>.layers.<i>.<role>``. ``layers`` is the config attribute
+# counting that stack's layers (default: the architecture's ``num_layers``). A ``path`` may list
+# alternatives separated by ``|``; the first one the model has is used (T5's gated MLP names
+# its up projection ``wi_1``, the plain one ``wi``).
+
+
 @dataclass(frozen=True)
 class Module:
     """A role held by one module; ``path`` is relative to the backbone, ``{i}`` is the layer."""
 
     path: str
+    stack: str | None = None
+    layers: str | None = None
 
 
 @dataclass(frozen=True)
 class Slice:
-    """A role held by part ``index`` of ``parts`` equal parts of a fused module's output."""
+    """A role held by part ``index`` of ``parts`` parts of a fused module's output.
+
+    The parts are equal unless ``sizes`` gives their relative sizes, as config attribute
+    names or integers: Phi-3's ``qkv_proj`` with grouped-query attention is
+    ``sizes=("num_attention_heads", "num_key_value_heads", "num_key_value_heads")``."""
 
     path: str
     index: int
     parts: int
+    sizes: tuple[str | int, ...] | None = None
+    stack: str | None = None
+    layers: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,8 @@ class Sublayer:
 
     input: str
     output: str
+    stack: str | None = None
+    layers: str | None = None
 
 
 RoleTarget = Module | Slice | Sublayer
@@ -142,11 +161,19 @@ class ArchitectureRecord:
     name: str
     plugin: str
     model_types: tuple[str, ...]
-    roles: Mapping[str, RoleTarget]
+    roles: Mapping[str, RoleTarget | tuple[RoleTarget, ...]]  # a tuple: one target per stack
     num_layers: Callable[[Any], int]
     provides: frozenset[str]  # insertion-point kinds this family supports
     geometry: Callable[[Any], AttentionGeometry] | None = None
     description: str = ""
+    unsupported: Mapping[str, str] = field(default_factory=dict)  # role -> why this family cannot have it
+
+    def targets(self, role: str) -> tuple[RoleTarget, ...]:
+        target = self.roles[role]
+        return target if isinstance(target, tuple) else (target,)
+
+    def stacks(self) -> frozenset[str]:
+        return frozenset(t.stack for r in self.roles for t in self.targets(r) if t.stack)
 
 
 @dataclass(frozen=True)

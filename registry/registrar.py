@@ -138,32 +138,47 @@ class ArchitectureRegistrar(_Registrar):
         name: str,
         *,
         model_types: Iterable[str],
-        roles: Mapping[str, Module | Slice | Sublayer | str],
+        roles: Mapping[str, Module | Slice | Sublayer | str | tuple[Module | Slice | Sublayer, ...]],
         num_layers: str | Callable[[Any], int] = "num_hidden_layers",
         provides: Iterable[str] = ("linear.delta", "linear.scale_out", "linear.scale_in"),
         geometry: Callable[[Any], AttentionGeometry] | None = None,
         description: str = "",
+        unsupported: Mapping[str, str] | None = None,
     ) -> None:
         """Register the role map of one model family. A plain string role target means
-        :class:`registry.Module`."""
+        :class:`registry.Module`; a tuple of targets, one per ``stack`` (encoder-decoder
+        models), makes the role act in every stack. ``unsupported`` maps roles this family
+        cannot offer to the reason, reported when an adapter targets them."""
         self._name(name, "architecture")
         model_types = tuple(model_types)
         if not model_types:
             raise self._fail(f"architecture {name!r}: give at least one model_type")
-        resolved: dict[str, Module | Slice | Sublayer] = {}
+        resolved: dict[str, Any] = {}
         for role, target in roles.items():
             if not isinstance(role, str) or not _ROLE.match(role):
                 raise self._fail(f"architecture {name!r}: invalid role name {role!r}")
-            if isinstance(target, str):
-                target = Module(target)
-            if not isinstance(target, Module | Slice | Sublayer):
+            targets = target if isinstance(target, tuple) else (target,)
+            targets = tuple(Module(t) if isinstance(t, str) else t for t in targets)
+            for t in targets:
+                if not isinstance(t, Module | Slice | Sublayer):
+                    raise self._fail(
+                        f"architecture {name!r}, role {role!r}: target must be a path string, "
+                        f"registry.Module, Slice or Sublayer (or a tuple of them), got {t!r}"
+                    )
+                if isinstance(t, Slice) and not 0 <= t.index < t.parts:
+                    raise self._fail(f"architecture {name!r}, role {role!r}: slice index out of range")
+                if isinstance(t, Slice) and t.sizes is not None and len(t.sizes) != t.parts:
+                    raise self._fail(f"architecture {name!r}, role {role!r}: give one size per part")
+            stacks = [t.stack for t in targets]
+            if len(targets) > 1 and (None in stacks or len(set(stacks)) != len(stacks)):
                 raise self._fail(
-                    f"architecture {name!r}, role {role!r}: target must be a path string, "
-                    f"registry.Module, Slice or Sublayer, got {target!r}"
+                    f"architecture {name!r}, role {role!r}: several targets need distinct stack names"
                 )
-            if isinstance(target, Slice) and not 0 <= target.index < target.parts:
-                raise self._fail(f"architecture {name!r}, role {role!r}: slice index out of range")
-            resolved[role] = target
+            resolved[role] = targets if len(targets) > 1 else targets[0]
+        unsupported = dict(unsupported or {})
+        clash = sorted(set(unsupported) & set(resolved))
+        if clash:
+            raise self._fail(f"architecture {name!r}: roles both mapped and unsupported: {clash}")
         provides = frozenset(provides)
         unknown = sorted(provides - set(KINDS))
         if unknown:
@@ -188,6 +203,7 @@ class ArchitectureRegistrar(_Registrar):
                 provides=provides,
                 geometry=geometry,
                 description=description.strip(),
+                unsupported=unsupported,
             )
         )
 

@@ -37,6 +37,17 @@ def tiny_llama_scaled(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**DECODER, initializer_range=0.1)).eval()
 
 
+KBIT_DECODER = {**DECODER, "intermediate_size": 128}
+# bitsandbytes' CPU 4-bit inference kernel (AVX512-BF16) repacks weights in blocks of 64
+# inputs and 32 outputs and fails on other shapes (96), so quantised tests use this width
+
+
+def tiny_llama_kbit(seed: int = 0) -> LlamaForCausalLM:
+    """tiny_llama with an MLP width of 128, a shape every bitsandbytes CPU kernel accepts."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**KBIT_DECODER)).eval()
+
+
 def tiny_mistral(seed: int = 0) -> MistralForCausalLM:
     torch.manual_seed(seed)
     return MistralForCausalLM(MistralConfig(**DECODER, sliding_window=None)).eval()
@@ -88,14 +99,69 @@ def tiny_roberta(seed: int = 0) -> RobertaModel:
     return RobertaModel(cfg, add_pooling_layer=False).eval()
 
 
+def tiny_t5(seed: int = 0, gated: bool = False, decoder_layers: int = 3):
+    """T5 with 2 encoder and 3 decoder blocks (the stacks differ in depth on purpose);
+    ``gated``: T5 v1.1 / Flan-T5's gated-GELU feed-forward (wi_0, wi_1, wo). transformers
+    5.24's generate() sizes its cache by the encoder's depth, so generation needs
+    ``decoder_layers=2``."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2,
+        num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        num_decoder_layers=decoder_layers,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+    )
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def tiny_phi3(seed: int = 0):
+    """Phi-3: fused qkv_proj (64 + 32 + 32 rows: 4 query heads, 2 KV heads) and gate_up_proj."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    return Phi3ForCausalLM(Phi3Config(**DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=1)).eval()
+
+
+def tiny_gemma(seed: int = 0, version: int = 1):
+    """Gemma (version 1), Gemma 2 or Gemma 3 (text), head_dim 16."""
+    import transformers as tf
+
+    config, model = {1: ("GemmaConfig", "GemmaForCausalLM"), 2: ("Gemma2Config", "Gemma2ForCausalLM"),
+                     3: ("Gemma3TextConfig", "Gemma3ForCausalLM")}[version]
+    torch.manual_seed(seed)
+    cfg = getattr(tf, config)(**DECODER, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    return getattr(tf, model)(cfg).eval()
+
+
+def tiny_moe(kind: str = "mixtral", seed: int = 0):
+    """Mixture-of-experts decoders: ``mixtral``, ``qwen2_moe`` (with a shared expert), ``qwen3_moe``;
+    4 experts, 2 per token."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if kind == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(**DECODER, num_local_experts=4, num_experts_per_tok=2)).eval()
+    extra = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    if kind == "qwen2_moe":
+        return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**DECODER, **extra, shared_expert_intermediate_size=48)).eval()
+    return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**DECODER, **extra)).eval()
+
+
 BUILDERS = {
     "llama": tiny_llama,
     "llama_scaled": tiny_llama_scaled,
+    "llama_kbit": tiny_llama_kbit,
     "mistral": tiny_mistral,
     "qwen2": tiny_qwen2,
     "gpt2": tiny_gpt2,
     "bert": tiny_bert,
     "roberta": tiny_roberta,
+    "phi3": tiny_phi3,
+    "gemma": tiny_gemma,
+    "gemma2": lambda seed=0: tiny_gemma(seed, version=2),
+    "gemma3": lambda seed=0: tiny_gemma(seed, version=3),
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +24,15 @@ from adapter_composer.errors import AdapterFileError, CompositionError
 from adapter_composer.formats.files import (
     check_tensors,
     contiguous,
+    is_sharded,
     read_safetensors,
     safe_filename,
     write_directory_atomically,
+    write_from_every_rank,
 )
 from adapter_composer.pipeline.graph import Graph
 from adapter_composer.registry import Registry
+from adapter_composer.sites import logical_shape
 
 FORMAT = "adapter-composer.composition"
 VERSION = 1
@@ -39,14 +43,18 @@ MANIFEST = "composition.json"
 
 
 def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Model type, class and every parameter's shape (names as in the unpatched model)."""
-    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
+    """Model type, class and every parameter's shape (names as in the unpatched model).
+
+    Shapes are logical: a bitsandbytes 4-bit weight counts as the [out, in] matrix it packs,
+    so a composition trained on a quantised base loads onto the full-precision model (and
+    back), which is how QLoRA adapters are deployed."""
+    shapes = {name: list(logical_shape(p)) for name, p in model.named_parameters()}
     digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()
     cfg = getattr(model, "config", None)
     return {
         "model_type": getattr(cfg, "model_type", None),
         "class": type(model).__name__,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_parameters": sum(math.prod(v) for v in shapes.values()),
         "shapes_sha256": digest,
         "shapes": shapes,
     }
@@ -86,8 +94,11 @@ def fingerprint_differences(saved: Mapping[str, Any], model: nn.Module) -> list[
 
 
 def save_composition(composed: Any, directory: Path) -> Path:
+    """Write the directory. On a model sharded with FSDP2 every rank calls this: the tensors
+    are gathered whole (bit for bit) and rank 0 writes them."""
     files: dict[str, Any] = {}
     adapters = {}
+    sharded = any(is_sharded(p) for m in composed._rt.all_modules() for p in m.parameters())
     for name, handle in composed.adapters.items():
         fname = safe_filename(name) + ".safetensors"
         tensors = contiguous(handle.state_dict())
@@ -122,6 +133,8 @@ def save_composition(composed: Any, directory: Path) -> Path:
         "base_model": composed.fingerprint,
     }
     files[MANIFEST] = json.dumps(manifest, indent=2).encode()
+    if sharded:
+        return write_from_every_rank(directory, files, MANIFEST)
     return write_directory_atomically(directory, files, MANIFEST)
 
 

@@ -103,5 +103,41 @@ def check_tensors(
     return problems
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """A ``DTensor`` (a parameter of a model sharded with FSDP2's ``fully_shard``)."""
+    return hasattr(tensor, "full_tensor") and hasattr(tensor, "placements")
+
+
 def contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    """Plain CPU copies; sharded tensors are gathered whole first, which is a collective:
+    every rank of the model's mesh must make the same call, in the same order."""
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach()
+        if is_sharded(v):
+            v = v.full_tensor()
+        out[k] = v.to("cpu").contiguous().clone()
+    return out
+
+
+def write_from_every_rank(directory: Path, files: Mapping[str, Any], marker: str) -> Path:
+    """:func:`write_directory_atomically` for a save that every rank of a sharded model makes:
+    rank 0 writes, the others wait for it and fail with it. Without a process group (or with a
+    model that is not sharded, e.g. DDP saving on rank 0 alone) use the plain function."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return write_directory_atomically(directory, files, marker)
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            write_directory_atomically(directory, files, marker)
+        except BaseException as exc:  # the others must hear of it before anyone raises
+            failure = exc
+    flag = torch.tensor([0 if failure is None else 1])
+    dist.broadcast(flag, src=0)
+    if failure is not None:
+        raise failure
+    if flag.item():
+        raise AdapterFileError(f"rank 0 failed to write {directory}; see its error")
+    return Path(directory)

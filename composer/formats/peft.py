@@ -35,6 +35,7 @@ from adapter_composer.errors import AdapterFileError, ComposerError
 from adapter_composer.formats.files import (
     check_tensors,
     contiguous,
+    is_sharded,
     read_safetensors,
     write_directory_atomically,
 )
@@ -295,6 +296,11 @@ def export_peft(
         raise AdapterFileError(
             f"adapter {name!r} acts on parts of fused layers ({', '.join(sliced[:4])}), which PEFT cannot express; "
             "target the fused module (e.g. 'attn.qkv' on GPT-2) to export it"
+        )
+    if any(is_sharded(p) for p in handle.parameters()):
+        raise AdapterFileError(
+            f"adapter {name!r} lives in a sharded (FSDP) model: save() the composition from it "
+            "(every rank calls save), load that into an unsharded model and export from there"
         )
     codec = record.peft
     tensors = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from adapter_composer.runtime import CONTAINER_ATTR
 from adapter_composer.runtime.linear import LinearSite
 from adapter_composer.runtime.module import ModuleSite
 from adapter_composer.runtime.state import CallState
+from adapter_composer.sites import logical_shape
 
 
 class Composed:
@@ -195,7 +197,7 @@ class Composed:
         per_operator = {k: v for k, v in per_operator.items() if v}
         trainable = sum(p.numel() for p in self.parameters())
         adapter_ids = {id(p) for p in self.parameters()}
-        base = sum(p.numel() for p in self.model.parameters() if id(p) not in adapter_ids)
+        base = sum(math.prod(logical_shape(p)) for p in self.model.parameters() if id(p) not in adapter_ids)
         return ParameterReport(per_adapter, per_operator, trainable, base)
 
     # --- routing and gates ------------------------------------------------------------
@@ -347,7 +349,11 @@ class Composed:
         for site in self._rt.sites.values():
             if hasattr(site, "forget_originals"):
                 site.forget_originals()
+        kept = [(parent, attr, site.unloaded()) for parent, attr, _, site in self._patch.swaps if isinstance(site, LinearSite)]
         undo_patch(self._patch)
+        for parent, attr, module in kept:
+            if module is not None:  # merged into a new layer (a quantised base): keep that layer
+                setattr(parent, attr, module)
         return self.model
 
     # --- files ------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -63,6 +63,7 @@ class Resolver:
         self.arch: ArchitectureRecord | None = registry.architecture_for(self.model_type)
         self.prefix = backbone_prefix(model)
         self.names = _module_names(model)
+        self._name_set = frozenset(self.names)
         self.num_layers = self.arch.num_layers(model.config) if self.arch else None
         try:
             first = next(model.parameters())
@@ -72,22 +73,45 @@ class Resolver:
 
     # --- locations --------------------------------------------------------------------
 
+    def _layer_count(self, target: Any) -> int:
+        if target.layers is None:
+            return self.num_layers
+        return int(getattr(self.model.config, target.layers))
+
+    def _fill(self, template: str, i: int | None) -> str:
+        """The module path of a template in layer ``i``; of ``a|b`` alternatives, the first
+        this model has (the first one when none exists: resolution then names it)."""
+        options = [self.prefix + (t.format(i=i) if i is not None else t) for t in template.split("|")]
+        return next((o for o in options if o in self._name_set), options[0])
+
     def _role_locations(
-        self, spec: AdapterSpec, role: str, diags: list[Diagnostic]
+        self, spec: AdapterSpec, role: str, diags: list[Diagnostic], stack: str | None = None
     ) -> list[_Location]:
-        target = self.arch.roles[role]
+        locs = []
+        for target in self.arch.targets(role):
+            if stack is not None and target.stack != stack:
+                continue
+            locs += self._target_locations(spec, role, target, diags)
+        return locs
+
+    def _target_locations(
+        self, spec: AdapterSpec, role: str, target: Any, diags: list[Diagnostic]
+    ) -> list[_Location]:
         template = target.output if isinstance(target, Sublayer) else target.path
         layered = "{i}" in template
+        where = "" if target.stack is None else f"{target.stack}."
         if layered:
-            layers = list(range(self.num_layers)) if spec.layers is None else list(spec.layers)
-            bad = [i for i in layers if not 0 <= i < self.num_layers]
+            count = self._layer_count(target)
+            layers = list(range(count)) if spec.layers is None else list(spec.layers)
+            bad = [i for i in layers if not 0 <= i < count]
             if bad:
+                stack = "" if target.stack is None else f" in its {target.stack!r} stack"
                 diags.append(
                     Diagnostic(
                         code="bad-layers",
-                        message=f"adapter {spec.name!r} asks for layers {bad}, but the model has {self.num_layers} (0..{self.num_layers - 1})",
+                        message=f"adapter {spec.name!r} asks for layers {bad}, but the model has {count}{stack} (0..{count - 1})",
                         nodes=(spec.name,),
-                        fix=f"use layer indices below {self.num_layers}",
+                        fix=f"use layer indices below {count}",
                     )
                 )
                 layers = [i for i in layers if i not in bad]
@@ -95,23 +119,34 @@ class Resolver:
             layers = [None]
         locs = []
         for i in layers:
-            fill = (
-                (lambda t, i=i: self.prefix + t.format(i=i))
-                if i is not None
-                else (lambda t: self.prefix + t)
-            )
             if isinstance(target, Sublayer):
-                resolved: Any = Sublayer(fill(target.input), fill(target.output))
+                resolved: Any = replace(target, input=self._fill(target.input, i), output=self._fill(target.output, i))
                 path = resolved.output
-            elif isinstance(target, Slice):
-                resolved = Slice(fill(target.path), target.index, target.parts)
-                path = resolved.path
             else:
-                resolved = Module(fill(target.path))
+                resolved = replace(target, path=self._fill(target.path, i))
                 path = resolved.path
-            key = f"layers.{i}.{role}" if i is not None else role
+            key = f"{where}layers.{i}.{role}" if i is not None else f"{where}{role}"
             locs.append(_Location(key, path, role, i, resolved))
         return locs
+
+    def _unsupported(self, spec: AdapterSpec, role: str) -> Diagnostic:
+        return Diagnostic(
+            code="role-unsupported",
+            message=f"adapter {spec.name!r} targets role {role!r}, which {self.arch.name} models cannot offer: "
+            f"{self.arch.unsupported[role]}",
+            nodes=(spec.name,),
+            rule=f"roles of {self.arch.name}: {', '.join(self.arch.roles)}",
+            fix="choose one of those roles",
+        )
+
+    def _stack_role(self, target: str) -> tuple[str, str] | None:
+        """(stack, role) for a stack-qualified role such as ``enc.attn.q``, else None."""
+        if self.arch is None or "." not in target:
+            return None
+        stack, role = target.split(".", 1)
+        if stack in self.arch.stacks() and role in self.arch.roles:
+            return stack, role
+        return None
 
     def _pattern_locations(self, spec: AdapterSpec, pattern: str) -> list[_Location]:
         if pattern.startswith("re:"):
@@ -140,6 +175,26 @@ class Resolver:
         for t in targets:
             if self.arch is not None and t in self.arch.roles:
                 locs.extend(self._role_locations(spec, t, diags))
+                continue
+            if self.arch is not None and t in self.arch.unsupported:
+                diags.append(self._unsupported(spec, t))
+                continue
+            qualified = self._stack_role(t)
+            if qualified is not None:
+                stack, role = qualified
+                found = self._role_locations(spec, role, diags, stack)
+                if not found and not any(x.stack == stack for x in self.arch.targets(role)):
+                    stacks = sorted(x.stack for x in self.arch.targets(role) if x.stack)
+                    diags.append(
+                        Diagnostic(
+                            code="role-missing",
+                            message=f"adapter {spec.name!r} targets {t!r}, but role {role!r} of {self.arch.name} models "
+                            f"exists only in the stack(s) {stacks or ['(all)']}",
+                            nodes=(spec.name,),
+                            fix=f"target {role!r} (every stack) or one of " + ", ".join(f"'{x}.{role}'" for x in stacks),
+                        )
+                    )
+                locs.extend(found)
                 continue
             if t in known_roles:
                 if self.arch is None:
@@ -198,9 +253,9 @@ class Resolver:
 
     def block_path(self, layer: int) -> str | None:
         """Module path of layer ``layer`` (the architecture's ``block`` role), if mapped."""
-        if self.arch is None or "block" not in self.arch.roles:
+        if self.arch is None or "block" not in self.arch.roles or len(self.arch.targets("block")) > 1:
             return None
-        return self.prefix + self.arch.roles["block"].path.format(i=layer)
+        return self._fill(self.arch.targets("block")[0].path, layer)
 
     # --- sites ------------------------------------------------------------------------
 
@@ -311,18 +366,20 @@ class Resolver:
             fan_in, fan_out = linear_shape(module)
             out_slice = None
             if isinstance(loc.target, Slice):
-                if fan_out % loc.target.parts:
+                bounds = self._slice_bounds(loc.target, fan_out)
+                if bounds is None:
                     diags.append(
                         Diagnostic(
                             code="role-path-missing",
-                            message=f"{loc.path!r} has {fan_out} outputs, not divisible into {loc.target.parts} parts",
+                            message=f"{loc.path!r} has {fan_out} outputs, which do not split into the "
+                            f"{loc.target.parts} parts {self._sizes(loc.target)} role {loc.role!r} assumes",
                             nodes=(spec.name,),
+                            fix="the architecture plugin does not fit this model variant; target the fused module instead",
                         )
                     )
                     return None
-                size = fan_out // loc.target.parts
-                out_slice = (loc.target.index * size, (loc.target.index + 1) * size)
-                fan_out = size
+                out_slice = bounds
+                fan_out = bounds[1] - bounds[0]
             return SiteInfo(
                 **common,
                 out_slice=out_slice,
@@ -386,6 +443,22 @@ class Resolver:
             return None
         fan_in, fan_out = linear_shape(module) if is_linear(module) else (0, 0)
         return SiteInfo(**common, in_features=fan_in, out_features=fan_out, module=module)
+
+    def _sizes(self, target: Slice) -> list[int]:
+        if target.sizes is None:
+            return [1] * target.parts
+        cfg = self.model.config
+        return [int(getattr(cfg, v)) if isinstance(v, str) else int(v) for v in target.sizes]
+
+    def _slice_bounds(self, target: Slice, fan_out: int) -> tuple[int, int] | None:
+        """Rows [start, stop) of part ``index`` when ``fan_out`` splits in the given proportions."""
+        sizes = self._sizes(target)
+        total = sum(sizes)
+        if total <= 0 or fan_out % total:
+            return None
+        unit = fan_out // total
+        start = unit * sum(sizes[: target.index])
+        return start, start + unit * sizes[target.index]
 
 
 def _merge_repeats(diags: list[Diagnostic]) -> list[Diagnostic]:

@@ -343,5 +343,11 @@ class LinearSite(nn.Module):
         self.merged = False
         self.active = False
 
+    def unloaded(self) -> nn.Module | None:
+        """The module ``merge_and_unload`` puts at this path instead of the original one, or
+        ``None`` to keep the original (here: its weights were merged in place). Sites that
+        merge into a new layer (a quantised base, see ``plugins.bnb``) return that layer."""
+        return None
+
     def extra_repr(self) -> str:
         return f"path={self.path!r}, merged={self.merged}"

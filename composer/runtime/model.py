@@ -107,10 +107,14 @@ class SegmentSite(nn.Module):
 
 
 def _batch_size(kwargs: dict) -> int:
-    for key in ("input_ids", "inputs_embeds"):
+    # encoder-decoder generation passes the encoder's output and decoder ids instead of input_ids
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
         value = kwargs.get(key)
         if value is not None:
             return int(value.shape[0])
+    encoded = kwargs.get("encoder_outputs")
+    if encoded is not None:
+        return int(encoded[0].shape[0])
     raise RoutingError("the forward call has neither input_ids nor inputs_embeds")
 
 
