@@ -21,6 +21,7 @@ from adapter_composer import CompositionError, Graph
 from adapter_composer.runtime.linear import LinearSite
 from adapter_composer.tables import cell, table_markdown
 from tests.models import BUILDERS, inputs, output, randomize
+from tests.plugins.routing_checks import ROUTING_CHECKS  # arrow, poly, lorahub
 from tests.plugins.test_conformance import PROFILES, REGISTRY
 
 METHODS = sorted(REGISTRY.methods)
@@ -165,7 +166,7 @@ def check_concatenated(method, model, composed, batch):
     torch.testing.assert_close(output(model, batch), output(alone, batch), rtol=0, atol=ATOL)
 
 
-CHECKS = {"route": check_route, "mix": check_mix, "sum": check_sum, "stack": check_stack}
+CHECKS = {"route": check_route, "mix": check_mix, "sum": check_sum, "stack": check_stack, **ROUTING_CHECKS}
 
 
 @pytest.mark.parametrize("method, operator", CELLS)
