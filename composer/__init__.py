@@ -18,7 +18,23 @@ methods, operators and architectures, loaded like third-party ones).
 
 from adapter_composer._version import __version__
 from adapter_composer.api import compose, from_peft, from_pretrained, load, plan
-from adapter_composer.errors import AdapterFileError, ComposerError, CompositionError, RoutingError
+from adapter_composer.errors import (
+    AdapterBuildError,
+    AdapterFileError,
+    ComposerError,
+    CompositionError,
+    HotSwapError,
+    PatternError,
+    PluginContractError,
+    PluginError,
+    RegistryError,
+    RoutingError,
+    SaveConflictError,
+    UnknownAdapterError,
+    UnknownNodeError,
+    UnsafePathError,
+    WeightsError,
+)
 from adapter_composer.formats.peft import PeftAdapter, read_peft
 from adapter_composer.live.composed import Composed
 from adapter_composer.live.handles import AdapterHandle, ParameterReport
@@ -29,6 +45,7 @@ from adapter_composer.registry import Diagnostic, default_registry, hookimpl, lo
 from adapter_composer.sites import SiteInfo
 
 __all__ = [
+    "AdapterBuildError",
     "AdapterFileError",
     "AdapterHandle",
     "AdapterSpec",
@@ -37,13 +54,23 @@ __all__ = [
     "CompositionError",
     "Diagnostic",
     "Graph",
+    "HotSwapError",
     "Node",
     "OperatorSpec",
     "ParameterReport",
+    "PatternError",
     "PeftAdapter",
     "Plan",
+    "PluginContractError",
+    "PluginError",
+    "RegistryError",
     "RoutingError",
+    "SaveConflictError",
     "SiteInfo",
+    "UnknownAdapterError",
+    "UnknownNodeError",
+    "UnsafePathError",
+    "WeightsError",
     "__version__",
     "compose",
     "default_registry",

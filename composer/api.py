@@ -46,14 +46,21 @@ def load(
     *,
     registry: Registry | None = None,
     check_base: bool = True,
+    allow_nonfinite: bool = False,
 ) -> Composed:
     """Apply a saved composition to ``model`` and load its weights. ``directory`` is a saved
     composition or a directory written by the composed model's ``save_pretrained``.
 
-    Refuses a base model whose fingerprint differs (``check_base=False`` skips that check;
-    tensor shapes are always checked). On any error the model is left unchanged.
+    Everything in the directory is checked before the model is touched: the manifest and
+    graph against strict schemas, the base model's fingerprint (``check_base=False`` skips
+    that check), every tensor's name, shape and dtype against what the composition builds,
+    and NaN/Inf values (``allow_nonfinite=True`` loads them anyway). On any error the model
+    is left unchanged.
     """
-    saved = read_composition(composition_dir(directory), model, check_base=check_base)
+    registry = registry or default_registry()
+    saved = read_composition(
+        composition_dir(directory), model, check_base=check_base, registry=registry, allow_nonfinite=allow_nonfinite
+    )
     composed = compose(model, saved.graph, registry=registry)
     try:
         saved.load_into(composed)
@@ -106,9 +113,13 @@ def from_peft(
     name: str = "default",
     *,
     registry: Registry | None = None,
+    allow_nonfinite: bool = False,
 ) -> Composed:
-    """Compose ``model`` with the PEFT adapter in ``directory`` under ``name``."""
-    adapter = read_peft(directory, registry=registry)
+    """Compose ``model`` with the PEFT adapter in ``directory`` under ``name`` (checked as
+    :func:`load` checks a composition; ``allow_nonfinite=True`` loads NaN/Inf weights)."""
+    registry = registry or default_registry()
+    adapter = read_peft(directory, registry=registry, allow_nonfinite=allow_nonfinite)
+    adapter.check_fits(model, name, registry)
     graph = Graph()
     adapter.declare(graph, name)
     composed = compose(model, graph, registry=registry)

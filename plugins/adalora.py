@@ -26,7 +26,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from adapter_composer.formats.peft import unsupported_options
+from adapter_composer.formats.peft import (
+    peft_dict,
+    peft_float,
+    peft_int,
+    unsupported_options,
+)
 from adapter_composer.plugins.adalora_allocator import AdaLoraController, Allocation, budget_at
 from adapter_composer.plugins.lora import peft_lora_common
 from adapter_composer.registry import Capabilities, hookimpl
@@ -187,23 +192,29 @@ class AdaLoraPeftCodec:
     def from_peft(self, peft: Mapping[str, Any]) -> dict[str, Any]:
         """Our config (as keyword arguments) from PEFT's adapter_config.json."""
         problems = unsupported_options(peft, self.unsupported)
-        if float(peft.get("lora_alpha", 8)) <= 0:  # PEFT then scales each site by its own rank
-            problems.append(f"lora_alpha={peft['lora_alpha']!r} (give a positive lora_alpha)")
+        alpha = peft_float(peft, "lora_alpha", 8.0)
+        if alpha <= 0:  # PEFT then scales each site by its own rank
+            problems.append(f"lora_alpha={alpha!r} (give a positive lora_alpha)")
         if problems:
             raise ValueError("unsupported PEFT AdaLoRA options: " + ", ".join(problems))
-        config: dict[str, Any] = {f: peft[f] for f in self.fields if peft.get(f) is not None}
+        ints = ("init_r", "target_r", "tinit", "tfinal", "deltaT")
+        config: dict[str, Any] = {f: peft_int(peft, f, None, nullable=True) for f in ints}
+        config.update({f: peft_float(peft, f, None, nullable=True) for f in ("beta1", "beta2")})
+        config = {k: v for k, v in config.items() if v is not None}
         config.update(
-            orth_reg_weight=float(peft.get("orth_reg_weight", 0.5)),
-            total_step=peft.get("total_step"),
-            alpha=float(peft.get("lora_alpha", 8)),
-            dropout=float(peft.get("lora_dropout", 0.0)),
+            orth_reg_weight=peft_float(peft, "orth_reg_weight", 0.5),
+            total_step=peft_int(peft, "total_step", None, minimum=1, nullable=True),
+            alpha=alpha,
+            dropout=peft_float(peft, "lora_dropout", 0.0, minimum=0.0, below=1.0),
         )
         pattern = {}
-        for key, mask in (peft.get("rank_pattern") or {}).items():
+        for key, mask in peft_dict(peft, "rank_pattern", list).items():
             found = _PEFT_MASK_KEY.match(key)
             if found is None:
-                raise ValueError(f"rank_pattern key {key!r} does not name a module's lora_E")
-            pattern[found["path"]] = [bool(v) for v in mask]
+                raise ValueError(f"rank_pattern key {key!r:.80} does not name a module's lora_E")
+            if not all(type(v) is bool for v in mask):
+                raise ValueError(f"rank_pattern[{key!r:.80}] must be a list of true/false")
+            pattern[found["path"]] = list(mask)
         config["rank_pattern"] = pattern
         return config
 

@@ -20,7 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from adapter_composer.formats.peft import PREFIX, unsupported_options
+from adapter_composer.formats.peft import PREFIX, peft_bool, peft_strings, unsupported_options
+from adapter_composer.patterns import compile_pattern, fullmatch
 from adapter_composer.plugins.lora import pattern_value
 from adapter_composer.registry import Capabilities, hookimpl
 
@@ -48,10 +49,7 @@ class IA3Config(BaseModel):
     @classmethod
     def _patterns_compile(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for p in v:
-            try:
-                re.compile(p[3:] if p.startswith("re:") else p)
-            except re.error as exc:
-                raise ValueError(f"feedforward pattern {p!r} is not a valid regex: {exc}") from None
+            compile_pattern(p[3:] if p.startswith("re:") else p, what="feedforward pattern")
         return v
 
 
@@ -59,7 +57,7 @@ def is_feedforward(config: IA3Config, site: Any) -> bool:
     """Whether one of ``config.feedforward`` names this site (see the module docstring)."""
     for p in config.feedforward:
         if p.startswith("re:"):
-            if re.fullmatch(p[3:], site.path):
+            if fullmatch(p[3:], site.path, what="feedforward pattern"):
                 return True
         elif pattern_value({p: True}, site, False):
             return True
@@ -111,7 +109,7 @@ class IA3PeftCodec:
         problems = unsupported_options(peft, self.unsupported, bias=False)
         if problems:
             raise ValueError("unsupported PEFT IA3 options: " + ", ".join(problems))
-        ff = peft.get("feedforward_modules")
+        ff = peft_strings(peft, "feedforward_modules", None)
         if ff is None:
             raise ValueError(
                 "feedforward_modules is missing; PEFT fills it in when it creates an adapter, "
@@ -121,7 +119,9 @@ class IA3PeftCodec:
             patterns = [f"re:{ff}"]
         else:
             patterns = [f"re:.*{re.escape(name)}" for name in sorted(ff)]
-        init = "ones" if peft.get("init_ia3_weights", True) else "normal"
+        for pattern in patterns:
+            compile_pattern(pattern[3:], what="feedforward_modules")
+        init = "ones" if peft_bool(peft, "init_ia3_weights", True) else "normal"
         return {"feedforward": patterns, "init": init}
 
     def to_peft(self, config: IA3Config, sites: list[Any]) -> dict[str, Any]:

@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from adapter_composer.formats.peft import unsupported_options
+from adapter_composer.formats.peft import (
+    peft_bool,
+    peft_dict,
+    peft_float,
+    peft_int,
+    unsupported_options,
+)
+from adapter_composer.patterns import compile_pattern, matches_suffix
 from adapter_composer.registry import Capabilities, hookimpl
 
 
@@ -68,9 +75,10 @@ class LoraConfig(BaseModel):
 
 
 def pattern_value(patterns: Mapping[str, Any], site: Any, default: Any) -> Any:
-    """The first pattern naming this site's role or key, or matching the end of its path."""
+    """The first pattern naming this site's role or key, or matching the end of its path
+    (in bounded time: the keys may come from a file, see :mod:`adapter_composer.patterns`)."""
     for key, value in patterns.items():
-        if key in (site.role, site.key) or re.match(rf"(.*\.)?({key})$", site.path):
+        if key in (site.role, site.key) or matches_suffix(key, site.path):
             return value
     return default
 
@@ -268,15 +276,19 @@ class LoraPeftCodec:
         problems = unsupported_options(peft, self.unsupported)
         if problems:
             raise ValueError("unsupported PEFT LoRA options: " + ", ".join(problems))
-        return {
-            "r": int(peft.get("r", 8)),
-            "alpha": float(peft.get("lora_alpha", 8)),
-            "dropout": float(peft.get("lora_dropout", 0.0)),
-            "rslora": bool(peft.get("use_rslora", False)),
-            "dora": bool(peft.get("use_dora", False)),
-            "rank_pattern": {k: int(v) for k, v in (peft.get("rank_pattern") or {}).items()},
-            "alpha_pattern": {k: float(v) for k, v in (peft.get("alpha_pattern") or {}).items()},
+        config = {
+            "r": peft_int(peft, "r", 8, minimum=1),
+            "alpha": peft_float(peft, "lora_alpha", 8.0),
+            "dropout": peft_float(peft, "lora_dropout", 0.0, minimum=0.0, below=1.0),
+            "rslora": peft_bool(peft, "use_rslora", False),
+            "dora": peft_bool(peft, "use_dora", False),
+            "rank_pattern": peft_dict(peft, "rank_pattern", int),
+            "alpha_pattern": peft_dict(peft, "alpha_pattern", float),
         }
+        for field in ("rank_pattern", "alpha_pattern"):
+            for key in config[field]:
+                compile_pattern(key, what=f"{field} key")
+        return config
 
     def to_peft(self, config: LoraConfig, sites: list[Any]) -> dict[str, Any]:
         """PEFT's adapter_config.json for this adapter at these sites (paths as targets)."""

@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from adapter_composer.formats.peft import peft_int
 from adapter_composer.registry import Capabilities, hookimpl
 
 PEFT_TENSOR = "prompt_embeddings"
@@ -190,18 +191,14 @@ def peft_model_fields(model: nn.Module) -> dict[str, Any]:
 
 def check_peft_prompt_learning(peft: Mapping[str, Any]) -> int:
     """``num_virtual_tokens`` of a PEFT prompt-learning config, refusing what we cannot run."""
-    if int(peft.get("num_transformer_submodules") or 1) != 1:
+    submodules = peft_int(peft, "num_transformer_submodules", 1, nullable=True)
+    if submodules != 1:
         raise ValueError(
-            "num_transformer_submodules="
-            f"{peft['num_transformer_submodules']}: encoder-decoder virtual tokens are not supported"
+            f"num_transformer_submodules={submodules}: encoder-decoder virtual tokens are not supported"
         )
     if peft.get("modules_to_save"):
-        raise ValueError(f"unsupported PEFT option modules_to_save={peft['modules_to_save']!r}")
-    if not isinstance(peft.get("num_virtual_tokens"), int):
-        raise ValueError(
-            f"num_virtual_tokens must be an integer, got {peft.get('num_virtual_tokens')!r}"
-        )
-    return int(peft["num_virtual_tokens"])
+        raise ValueError(f"unsupported PEFT option modules_to_save={peft['modules_to_save']!r:.60}")
+    return peft_int(peft, "num_virtual_tokens", minimum=1)
 
 
 def model_tensor(raw: Mapping[str, torch.Tensor], ours: str) -> dict[str, dict[str, torch.Tensor]]:

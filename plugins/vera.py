@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from adapter_composer.formats.peft import join_tensors, split_tensors, unsupported_options
+from adapter_composer.formats.peft import (
+    join_tensors,
+    peft_bool,
+    peft_float,
+    peft_int,
+    split_tensors,
+    unsupported_options,
+)
 from adapter_composer.registry import Capabilities, hookimpl
 
 
@@ -144,11 +151,11 @@ class VeraPeftCodec:
         if problems:
             raise ValueError("unsupported PEFT VeRA options: " + ", ".join(problems))
         return {
-            "r": int(peft.get("r", 256)),
-            "d_initial": float(peft.get("d_initial", 0.1)),
-            "dropout": float(peft.get("vera_dropout", 0.0)),
-            "projection_prng_key": int(peft.get("projection_prng_key", 0)),
-            "save_projection": bool(peft.get("save_projection", True)),
+            "r": peft_int(peft, "r", 256, minimum=1),
+            "d_initial": peft_float(peft, "d_initial", 0.1),
+            "dropout": peft_float(peft, "vera_dropout", 0.0, minimum=0.0, below=1.0),
+            "projection_prng_key": peft_int(peft, "projection_prng_key", 0),
+            "save_projection": peft_bool(peft, "save_projection", True),
         }
 
     def to_peft(self, config: VeraConfig, sites: list[Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ Plugins implement the hooks in :mod:`registry.hookspecs`, marked with :data:`hoo
 """
 
 from .core import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, Registry, default_registry, load_registry
-from .errors import PluginError, RegistryError
+from .errors import ComposerError, PluginContractError, PluginError, RegistryError
 from .hookspecs import hookimpl, hookspec
 from .records import (
     KINDS,
@@ -29,10 +29,12 @@ __all__ = [
     "ArchitectureRecord",
     "AttentionGeometry",
     "Capabilities",
+    "ComposerError",
     "Diagnostic",
     "MethodRecord",
     "Module",
     "OperatorRecord",
+    "PluginContractError",
     "PluginError",
     "PluginInfo",
     "Registry",

@@ -11,7 +11,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, RegistryError
+from .errors import ComposerError, PluginContractError, PluginError, RegistryError
 from .records import (
     ArchitectureRecord,
     Diagnostic,
@@ -145,11 +145,39 @@ class Registry:
         return found
 
     def build_site(self, base: Any, family: str, site: Any) -> Any:
-        built = self._pm.hook.build_site(base=base, family=family, site=site)
+        """The first answer of the ``build_site`` hook, checked: it must be an ``nn.Module``
+        (a :class:`PluginContractError` naming the plugin otherwise)."""
+        from torch import nn
+
+        hook = self._pm.hook.build_site
+        impls = hook.get_hookimpls()
+        built, plugin = None, "a build_site plugin"
+        if any(getattr(i, "hookwrapper", False) or getattr(i, "wrapper", False) for i in impls):
+            built = hook(base=base, family=family, site=site)  # wrappers: let pluggy run them
+        else:
+            for impl in reversed(impls):  # pluggy's call order: last registered, tryfirst first
+                try:
+                    built = impl.function(base=base, family=family, site=site)
+                except ComposerError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r}, hook build_site, raised {type(exc).__name__}: "
+                        f"{exc} (building the {family!r} site at {site.path!r})"
+                    ) from exc
+                if built is not None:
+                    plugin = repr(impl.plugin_name)
+                    break
         if built is None:
             raise RegistryError(
                 f"no plugin builds a {family!r} site for module {site.path!r} of type "
                 f"{type(base).__name__}; install a plugin that implements build_site for it"
+            )
+        if not isinstance(built, nn.Module):
+            raise PluginContractError(
+                f"plugin {plugin}, hook build_site, returned {type(built).__name__} for the {family!r} "
+                f"site at {site.path!r}, not an nn.Module; build_site returns a site module "
+                "(see adapter_composer.runtime) or None"
             )
         return built
 

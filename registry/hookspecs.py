@@ -92,5 +92,7 @@ def build_site(base, family, site):
     Returns: a site module (see :mod:`adapter_composer.runtime`) wrapping ``base``, or ``None``
     to let the next plugin decide. The first non-``None`` answer wins; the built-in
     builders answer last, so a plugin can provide sites for quantised or custom layers.
+    An answer that is not an ``nn.Module`` is a :class:`registry.PluginContractError`, and an
+    exception a :class:`registry.PluginError`, both naming the plugin.
     Called: once per site, while ``compose`` applies a plan.
     """

@@ -1,2 +1,4 @@
-"""File formats: ``files`` (atomic writes, safetensors reads, tensor checks), ``composition``
-(our composition directory) and ``peft`` (HF PEFT's adapter directory). Nothing is unpickled."""
+"""File formats: ``files`` (safe names, bounded JSON and safetensors reads, tensor checks),
+``commit`` (crash-safe saves), ``manifest`` (``composition.json``'s schema), ``composition``
+(our composition directory), ``peft`` and ``peft_fields`` (HF PEFT's adapter directory).
+Nothing is unpickled; see README "Safety" for what reading an untrusted directory can do."""

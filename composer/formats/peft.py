@@ -17,6 +17,17 @@ suffix-style ``target_modules`` and the metadata fields PEFT writes.
 
 Tensors are grouped by *where* they belong: a module path (a site), ``"shared"`` (the
 adapter's shared module) or ``"model"`` (a model-level site). ``peft`` is never imported.
+
+Reading is strict (the directory is untrusted): ``adapter_config.json`` must be a JSON
+object read with :func:`adapter_composer.formats.files.parse_json`'s limits; codecs read
+its fields with the typed helpers of :mod:`adapter_composer.formats.peft_fields`
+(re-exported here); whatever a codec returns is checked against the method's schema with
+no coercion; tensors must be floating point and finite (``allow_nonfinite=True`` to load
+NaN/Inf anyway); and the shapes are compared with what the model would build, on the meta
+device, before anything is built (:meth:`PeftAdapter.check_fits`). Any failure, including
+one raised inside a third-party codec, is an :class:`AdapterFileError` naming the file.
+Writes are crash-safe (:func:`adapter_composer.formats.commit.commit_fixed_files`) and
+leave other files of the directory (PEFT's ``README.md``) alone.
 """
 
 from __future__ import annotations
@@ -30,14 +41,35 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
-from adapter_composer.errors import AdapterFileError, ComposerError
+from adapter_composer.errors import (
+    AdapterFileError,
+    ComposerError,
+    CompositionError,
+    UnknownAdapterError,
+)
+from adapter_composer.formats.commit import commit_fixed_files, fixed_file_paths, state_of
 from adapter_composer.formats.files import (
-    check_tensors,
+    NONFINITE_FIX,
+    check_finite,
+    check_fit,
     contiguous,
+    dtypes,
+    inside,
     is_sharded,
-    read_safetensors,
-    write_directory_atomically,
+    load_safetensors_bytes,
+    member,
+    parse_json,
+    strict_problems,
+)
+from adapter_composer.formats.peft_fields import (
+    peft_bool,
+    peft_dict,
+    peft_float,
+    peft_int,
+    peft_str,
+    peft_strings,
 )
 from adapter_composer.formats.peft_options import (
     PATH_LISTS,
@@ -79,6 +111,35 @@ class PeftAdapter:
             graph.adapter(name + MODULES, "module", targets=[f"re:{re.escape(p)}" for p in sorted(self.modules)])
         return node
 
+    def neutral_tensors(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors under our architecture-neutral names, for an adapter whose sites have
+        ``keys`` (``layers.0.attn.q``, ``module.<path>``, ``model``)."""
+        tensors = {f"{key}.{t}": v for key in keys for t, v in self._for(key).items()}
+        tensors.update({f"shared.{t}": v for t, v in self.tensors.get("shared", {}).items()})
+        return tensors
+
+    def check_fits(self, model: nn.Module, name: str, registry: Registry | None = None) -> None:
+        """Compare the file's tensors with what declaring the adapter as ``name`` on ``model``
+        would build, planned on the meta device: nothing is built or allocated."""
+        from adapter_composer.pipeline.shapes import planned_shapes
+        from adapter_composer.pipeline.validate import analyse
+
+        graph = Graph()
+        self.declare(graph, name)
+        analysis = analyse(graph, registry or default_registry(), model)
+        if analysis.diagnostics:
+            raise CompositionError(analysis.diagnostics, f"the PEFT adapter in {self.source}")
+        planned = planned_shapes(analysis)
+        if planned is None:
+            return  # not buildable on the meta device: checked after building
+        keys = [info.key for info in analysis.sites[name]]
+        tensors = self.neutral_tensors(keys)
+        problems = check_fit(str(self.source), tensors, planned.adapters[name], planned.adapter_dtypes[name])
+        if problems:
+            raise AdapterFileError(
+                "the PEFT adapter does not fit the model (nothing was built):\n  " + "\n  ".join(problems)
+            )
+
     def load_into(self, composed: Any, name: str) -> None:
         """Copy the weights into adapter ``name`` of ``composed`` (checked first)."""
         lacking = missing_modules(self.saved_names, self.modules, composed._analysis.resolver.names)
@@ -88,9 +149,8 @@ class PeftAdapter:
                 "tensors for them (PEFT always saves them): the file is incomplete"
             )
         handle = composed.adapters[name]
-        tensors = {f"{key}.{t}": v for key in handle.modules for t, v in self._for(key).items()}
-        tensors.update({f"shared.{t}": v for t, v in self.tensors.get("shared", {}).items()})
-        problems = check_tensors(f"{self.source}", tensors, handle.expected_shapes())
+        tensors = self.neutral_tensors(list(handle.modules))
+        problems = check_fit(str(self.source), tensors, handle.expected_shapes(), dtypes(handle.state_dict()))
         if problems:
             raise AdapterFileError(
                 "the PEFT adapter does not fit the model:\n  " + "\n  ".join(problems)
@@ -102,7 +162,7 @@ class PeftAdapter:
     def _load_modules(self, composed: Any, name: str) -> None:
         handle = composed.adapters[name]
         tensors = {f"module.{p}.{t}": v for p, values in self.modules.items() for t, v in values.items()}
-        problems = check_tensors(f"{self.source} (modules_to_save)", tensors, handle.expected_shapes())
+        problems = check_fit(f"{self.source} (modules_to_save)", tensors, handle.expected_shapes(), dtypes(handle.state_dict()))
         if problems:
             raise AdapterFileError("the PEFT adapter's modules_to_save do not fit the model:\n  " + "\n  ".join(problems))
         handle.load_tensors(tensors)
@@ -119,12 +179,12 @@ def unsupported_options(
     of ``defaults`` set to something else (unset, ``None`` and empty count as default), and a
     ``bias`` other than "none"."""
     problems = [
-        f"{k}={peft[k]!r}"
+        f"{k}={peft[k]!r:.60}"
         for k, default in defaults.items()
         if peft.get(k, default) not in (default, None, [], {})
     ]
     if bias and peft.get("bias", "none") != "none":
-        problems.append(f"bias={peft['bias']!r}")
+        problems.append(f"bias={peft['bias']!r:.60}")
     return problems
 
 
@@ -171,40 +231,107 @@ def _method_for(registry: Registry, peft_type: str) -> MethodRecord:
     )
 
 
-def read_peft(directory: str | Path, *, registry: Registry | None = None) -> PeftAdapter:
-    """Read a PEFT adapter directory (without touching any model)."""
+def _read_pair(directory: Path) -> tuple[bytes, bytes]:
+    """The bytes of the config and the weights of one save (retried while a save runs)."""
+    names = (CONFIG, WEIGHTS)
+    for _ in range(5):
+        before = state_of(directory, names)
+        paths = fixed_file_paths(directory, names)
+        for name, path in paths.items():
+            what = f"the PEFT {'config' if name == CONFIG else 'weights'}"
+            if path.name == name:
+                member(directory, name, what)
+            else:  # the .new file of an unfinished commit (ours, unless someone forged a journal)
+                inside(directory, path, what)
+        if not paths[CONFIG].is_file():
+            raise AdapterFileError(f"{directory} holds no {CONFIG}; is it a PEFT adapter directory?")
+        if not paths[WEIGHTS].is_file():
+            pickled = [n for n in ("adapter_model.bin", "adapter_model.pt") if (directory / n).exists()]
+            hint = (
+                f" ({pickled[0]} is there, but pickles are never loaded: convert it to safetensors)"
+                if pickled
+                else ""
+            )
+            raise AdapterFileError(f"missing file {directory / WEIGHTS}{hint}")
+        try:
+            data = {name: path.read_bytes() for name, path in paths.items()}
+        except FileNotFoundError:
+            continue  # a save renamed a file under us
+        except OSError as exc:
+            raise AdapterFileError(f"cannot read {directory}: {exc}") from None
+        if state_of(directory, names) == before:
+            return data[CONFIG], data[WEIGHTS]
+    raise AdapterFileError(f"{directory} kept changing while it was read (concurrent saves?); try again")
+
+
+def _codec_call(method: MethodRecord, what: str, where: Path, fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except (ValueError, ComposerError) as exc:
+        raise AdapterFileError(f"{where}: {exc}") from None
+    except Exception as exc:  # a codec tripping over a value it did not expect
+        raise AdapterFileError(
+            f"{where}: the PEFT codec of method {method.name!r} (plugin {method.plugin!r}) failed in "
+            f"{what}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def read_peft(
+    directory: str | Path, *, registry: Registry | None = None, allow_nonfinite: bool = False
+) -> PeftAdapter:
+    """Read and check a PEFT adapter directory (without touching any model)."""
     registry = registry or default_registry()
     directory = Path(directory)
     cfg_path = directory / CONFIG
-    if not cfg_path.is_file():
-        raise AdapterFileError(f"{directory} holds no {CONFIG}; is it a PEFT adapter directory?")
-    try:
-        peft_config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{cfg_path} is not valid JSON: {exc}") from None
-    method = _method_for(registry, str(peft_config.get("peft_type")))
+    config_bytes, weights_bytes = _read_pair(directory)
+    peft_config = parse_json(config_bytes, str(cfg_path))
+    if not isinstance(peft_config, dict):
+        raise AdapterFileError(f"{cfg_path} must hold a JSON object, not a {type(peft_config).__name__}")
+    peft_type = peft_config.get("peft_type")
+    if not isinstance(peft_type, str):
+        raise AdapterFileError(f"{cfg_path}: peft_type must be a string, got {peft_type!r:.60}")
+    method = _method_for(registry, peft_type)
+    codec = method.peft
     try:
         peft_config, host = take_host_options(peft_config)  # modules_to_save, layers_to_transform
-        config = method.peft.from_peft(peft_config)
     except ValueError as exc:
         raise AdapterFileError(f"{cfg_path}: {exc}") from None
-    codec = method.peft
-    raw, modules = split_module_tensors(
-        read_safetensors(directory / WEIGHTS), host.modules, getattr(codec, "tensor_names", {})
-    )
-    try:
-        tensors = (
-            codec.split_tensors(raw)
-            if hasattr(codec, "split_tensors")
-            else split_tensors(raw, codec.tensor_names)
+    config = _codec_call(method, "from_peft", cfg_path, codec.from_peft, peft_config)
+    if not isinstance(config, Mapping):
+        raise AdapterFileError(
+            f"{cfg_path}: the PEFT codec of method {method.name!r} (plugin {method.plugin!r}) "
+            f"returned {type(config).__name__} from from_peft, not a dict of config fields"
         )
-    except ValueError as exc:
-        raise AdapterFileError(f"{directory / WEIGHTS}: {exc}") from None
+    problems = strict_problems(method.config, config, f"{cfg_path} read as {method.name}")
+    if problems:
+        raise AdapterFileError("the PEFT config does not fit the method's schema:\n  " + "\n  ".join(problems))
+    raw = load_safetensors_bytes(weights_bytes, str(directory / WEIGHTS))
+    problems = [] if allow_nonfinite else check_finite(str(directory / WEIGHTS), raw)
+    if problems:
+        fix = "" if allow_nonfinite else f"\nIf non-finite values are intended, {NONFINITE_FIX}."
+        raise AdapterFileError("\n".join(problems) + fix)
+    raw, modules = split_module_tensors(raw, host.modules, getattr(codec, "tensor_names", {}) or {})
+    split = codec.split_tensors if hasattr(codec, "split_tensors") else (lambda r: split_tensors(r, codec.tensor_names))
+    tensors = _codec_call(method, "split_tensors", directory / WEIGHTS, split, raw)
+    if not isinstance(tensors, Mapping) or not all(
+        isinstance(group, Mapping) and all(isinstance(t, torch.Tensor) for t in group.values())
+        for group in tensors.values()
+    ):
+        raise AdapterFileError(
+            f"{directory / WEIGHTS}: the PEFT codec of method {method.name!r} (plugin {method.plugin!r}) "
+            "returned something other than {where: {name: tensor}} from split_tensors"
+        )
+    bad = [w for w in tensors if not isinstance(w, str) or w.startswith("re:")]
+    if bad:
+        raise AdapterFileError(f"{directory / WEIGHTS}: tensors name modules {bad[:3]!r:.80}, which are not module paths")
     targets = tuple(sorted(w for w in tensors if w not in ("shared", "model")))
-    problems = layer_problems(targets, host)
+    try:
+        problems = layer_problems(targets, host)
+    except ComposerError as exc:  # a layers_pattern too slow to match
+        raise AdapterFileError(f"{cfg_path}: {exc}") from None
     if problems:
         raise AdapterFileError(f"{directory / WEIGHTS} adapts layers its config excludes:\n  " + "\n  ".join(problems))
-    return PeftAdapter(method.name, config, targets, tensors, directory, modules, host.saved)
+    return PeftAdapter(method.name, dict(config), targets, tensors, directory, modules, host.saved)
 
 
 def _always_on(graph: Graph, name: str) -> bool:
@@ -278,7 +405,7 @@ def export_peft(
     """Write adapter ``name`` as PEFT does, with ``modules`` (``module`` adapters; by default
     every one that acts on every call) as ``modules_to_save``."""
     if name not in composed.adapters:
-        raise ComposerError(f"no adapter {name!r}; adapters: {sorted(composed.adapters)}")
+        raise UnknownAdapterError(f"no adapter {name!r}; adapters: {sorted(composed.adapters)}")
     handle = composed.adapters[name]
     record = composed.registry.method(handle.method)
     if handle.method == "module":
@@ -333,4 +460,23 @@ def export_peft(
         WEIGHTS: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
         CONFIG: json.dumps(peft_config, indent=2).encode(),
     }
-    return write_directory_atomically(directory, files, CONFIG)
+    return commit_fixed_files(directory, files, CONFIG)  # weights first, the config last
+
+
+__all__ = [
+    "CONFIG",
+    "PREFIX",
+    "WEIGHTS",
+    "PeftAdapter",
+    "export_peft",
+    "join_tensors",
+    "peft_bool",
+    "peft_dict",
+    "peft_float",
+    "peft_int",
+    "peft_str",
+    "peft_strings",
+    "read_peft",
+    "split_tensors",
+    "unsupported_options",
+]

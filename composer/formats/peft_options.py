@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapter_composer.patterns import compile_pattern
+from adapter_composer.patterns import match as bounded_match
+
 PREFIX = "base_model.model."
 # the PEFT release whose adapter_config.json layout exports follow (and are tested against)
 PEFT_FORMAT_VERSION = "0.21.2"
@@ -65,10 +68,10 @@ def layer_index(path: str, pattern: str | Sequence[str] | None) -> int | None:
     """The layer index PEFT reads from ``path`` for ``layers_to_transform``."""
     if not pattern:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
-    else:
+    else:  # the pattern comes from a file: matched in bounded time
         match = None
         for p in [pattern] if isinstance(pattern, str) else pattern:
-            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path)
+            match = bounded_match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path, what="layers_pattern")
             if match is not None:
                 break
     return None if match is None else int(match.group("idx"))
@@ -179,6 +182,8 @@ def take_host_options(peft: Mapping[str, Any]) -> tuple[dict[str, Any], HostOpti
     saved = rest.pop("modules_to_save", None) or []
     if isinstance(saved, str):
         saved = [saved]
+    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved):
+        raise ValueError(f"modules_to_save must be a list of module names, got {saved!r:.60}")
     heads = TASK_HEADS.get(str(rest.get("task_type")), ())
     layers = rest.pop("layers_to_transform", None)
     pattern = rest.pop("layers_pattern", None)
@@ -187,11 +192,13 @@ def take_host_options(peft: Mapping[str, Any]) -> tuple[dict[str, Any], HostOpti
     if layers is not None and (
         not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
     ):
-        raise ValueError(f"layers_to_transform must be a list of layer indices, got {layers!r}")
+        raise ValueError(f"layers_to_transform must be a list of layer indices, got {layers!r:.60}")
     if pattern is not None and not (
         isinstance(pattern, str) or (isinstance(pattern, list) and all(isinstance(p, str) for p in pattern))
     ):
-        raise ValueError(f"layers_pattern must be a string or a list of strings, got {pattern!r}")
+        raise ValueError(f"layers_pattern must be a string or a list of strings, got {pattern!r:.60}")
+    for p in [pattern] if isinstance(pattern, str) else pattern or ():
+        compile_pattern(p, what="layers_pattern")
     modules = tuple(dict.fromkeys([*map(str, saved), *heads]))
     return rest, HostOptions(modules, tuple(map(str, saved)), None if not layers else tuple(layers), pattern or None)
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapter_composer.errors import ComposerError, CompositionError
+from adapter_composer.errors import ComposerError, CompositionError, RoutingError
 from adapter_composer.formats.composition import fingerprint
 from adapter_composer.live.handles import AdapterHandle, ParameterReport
 from adapter_composer.pipeline.apply import (
@@ -208,6 +208,8 @@ class Composed:
         for all rows); ``None`` rows use the base model. Also works around ``generate()``."""
         from adapter_composer.runtime.model import ROUTE
 
+        if keys is not None and not isinstance(keys, str | list | tuple):
+            raise RoutingError(f"routing() takes a key or a list of keys (one per row), not {type(keys).__name__}")
         token = ROUTE.set(
             None if keys is None else (keys if isinstance(keys, str) else tuple(keys))
         )

@@ -14,23 +14,161 @@ node, and act only at sites the route node already covers.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
-from adapter_composer.errors import ComposerError, CompositionError
-from adapter_composer.formats.files import check_tensors
-from adapter_composer.pipeline.apply import _leaf, build_adapter
-from adapter_composer.pipeline.graph import AdapterSpec, OperatorSpec
+from adapter_composer.errors import (
+    AdapterFileError,
+    ComposerError,
+    CompositionError,
+    HotSwapError,
+    UnknownAdapterError,
+    WeightsError,
+)
+from adapter_composer.formats.files import check_fit, dtypes
+from adapter_composer.live.handles import AdapterHandle
+from adapter_composer.pipeline.apply import Runtime, _leaf, build_adapter
+from adapter_composer.pipeline.graph import AdapterSpec, OperatorSpec, adapter_spec
 from adapter_composer.pipeline.plan import AdapterPlan, Leaf, OpNode
+from adapter_composer.pipeline.shapes import planned_shapes
+from adapter_composer.pipeline.validate import _pydantic_diag
 from adapter_composer.registry import Diagnostic
+
+Tensors = Mapping[str, torch.Tensor] | Callable[[list[str]], Mapping[str, torch.Tensor]]
 
 
 def _route_nodes(composed: Any, node: str) -> dict[tuple[str, str], Any]:
     """(path, family) -> the runtime node of operator ``node`` there (indexed at build time)."""
     return dict(composed._rt.nodes.get(node, {}))
+
+
+@dataclass
+class _Staged:
+    """A new adapter built and loaded beside the composition, not yet part of it."""
+
+    spec: AdapterSpec
+    record: Any
+    config: Any
+    infos: list
+    rt: Runtime
+    leaves: dict
+    plan_leaves: dict
+    handle: AdapterHandle
+
+
+def _tensor_problems(
+    where: str, tensors: Any, shapes: Mapping[str, tuple[int, ...]], kinds: Mapping[str, torch.dtype]
+) -> list[str]:
+    """Names, shapes, dtypes and values (NaN/Inf are never hot-swapped in)."""
+    if not isinstance(tensors, Mapping) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        return [f"{where}: tensors must be a mapping of names to torch tensors"]
+    return check_fit(where, tensors, shapes, kinds, allow_nonfinite=False)
+
+
+def _refuse(problems: list[str], source: Path | None) -> ComposerError:
+    body = "\n  ".join(problems)
+    if source is not None:
+        return AdapterFileError(f"{source} does not fit the adapter (nothing was changed):\n  {body}")
+    return WeightsError(f"the tensors do not fit the adapter (nothing was changed):\n  {body}")
+
+
+def _stage(
+    composed: Any,
+    name: str,
+    method: str,
+    route: str,
+    targets: Sequence[str] | None,
+    layers: Sequence[int] | None,
+    tensors: Tensors | None,
+    config: Mapping[str, Any],
+    source: Path | None,
+) -> _Staged:
+    """Check everything and build the new adapter without touching the composition."""
+    composed._require_active()
+    analysis, graph = composed._analysis, composed.graph
+    node = graph.specs.get(route) if isinstance(route, str) else None
+    if not isinstance(node, OperatorSpec) or node.operator != "route":
+        raise HotSwapError(f"{route!r} is not a route node of this composition; route nodes: {_routes(composed)}")
+    spec = adapter_spec(name, method, targets, layers, config)
+    if name in graph:
+        raise CompositionError([Diagnostic(code="duplicate-name", message=f"the name {name!r} is already used", nodes=(name,))])
+    record = composed.registry.methods.get(method)
+    if record is None:
+        raise CompositionError([Diagnostic(code="unknown-method", message=f"no plugin registers method {method!r}", nodes=(name,))])
+    try:
+        cfg = record.config.model_validate(spec.config)
+    except ValidationError as exc:
+        raise CompositionError([_pydantic_diag("bad-config", f"adapter {name!r} ({method})", exc, record.config, (name,))]) from None
+    diags: list[Diagnostic] = []
+    infos = analysis.resolver.sites(spec, record, cfg, diags)
+    if diags:
+        raise CompositionError(diags, "hot swap")
+    nodes = _route_nodes(composed, route)
+    outside = [i.path for i in infos if (i.path, i.family) not in nodes]
+    if outside:
+        raise HotSwapError(
+            f"adapter {name!r} acts at {outside[:3]}, where route {route!r} does not act; "
+            "hot swap only replaces what a route already covers (re-compose to add sites)"
+        )
+    scratch = dataclasses.replace(analysis, methods={name: record}, configs={name: cfg}, sites={name: infos})
+    given = tensors([i.key for i in infos]) if callable(tensors) else tensors
+    if given is not None and source is not None:  # from a file: shapes first, planned on the
+        planned = planned_shapes(scratch, [name])  # meta device, so a bomb allocates nothing
+        if planned is not None:
+            problems = _tensor_problems(f"adapter {name!r}", given, planned.adapters[name], planned.adapter_dtypes[name])
+            if problems:
+                raise _refuse(problems, source)
+    rt = Runtime()
+    build_adapter(scratch, name, rt)
+    leaves, plan_leaves = {}, {}
+    for info in infos:
+        where = (info.path, info.family)
+        plan_leaf = Leaf(name, record.name, info.kind, info.key, info.out_slice)
+        plan_leaves[where] = plan_leaf
+        leaf = _leaf(rt, plan_leaf, info.family, composed.plan.site(*where))
+        leaf.train(composed.model.training)
+        if info.family == "linear":
+            object.__setattr__(leaf, "site", composed._rt.sites[where])  # back-reference, not a submodule
+        leaves[where] = leaf
+    handle = AdapterHandle(name, record.name, cfg, rt.adapters[name], rt.method_shared.get(name))
+    if given is not None:
+        problems = _tensor_problems(f"adapter {name!r}", given, handle.expected_shapes(), dtypes(handle.state_dict()))
+        if problems:
+            raise _refuse(problems, source)
+        handle.load_tensors(given)
+    return _Staged(spec, record, cfg, infos, rt, leaves, plan_leaves, handle)
+
+
+def _commit(composed: Any, staged: _Staged, route: str, key: str) -> AdapterHandle:
+    """Put a staged adapter into the composition (nothing here checks or builds)."""
+    name, rt, analysis, graph = staged.spec.name, composed._rt, composed._analysis, composed.graph
+    node = graph.spec(route)
+    analysis.methods[name], analysis.configs[name], analysis.sites[name] = staged.record, staged.config, staged.infos
+    rt.adapters[name], rt.infos[name] = staged.rt.adapters[name], staged.rt.infos[name]
+    if name in staged.rt.method_shared:
+        rt.method_shared[name] = staged.rt.method_shared[name]
+        rt.container.methods[name] = staged.rt.method_shared[name]
+    previous = dict(zip(node.keys or (), node.children, strict=True)).get(key)
+    graph._add(staged.spec)
+    graph.replace(_replace_key(graph, node, key, name))
+    if previous is not None and not any(
+        previous in s.children for s in graph.specs.values() if isinstance(s, OperatorSpec)
+    ):  # the adapter this key served is no longer used anywhere: drop it
+        graph.remove(previous)
+        _forget(composed, previous)
+        composed.adapters.pop(previous, None)
+    nodes = _route_nodes(composed, route)
+    for where, leaf in staged.leaves.items():
+        nodes[where].set_child(key, leaf)
+    _refresh_plan(composed, route, {where: {key: staged.plan_leaves[where]} for where in staged.leaves})
+    composed.adapters[name] = staged.handle
+    composed._patch.model_hook.route_keys = composed._patch.model_hook.route_keys | {key}
+    return staged.handle
 
 
 def add_adapter(
@@ -44,83 +182,16 @@ def add_adapter(
     layers: Sequence[int] | None = None,
     tensors: Mapping[str, torch.Tensor] | None = None,
     **config: Any,
-) -> Any:
+) -> AdapterHandle:
     """Declare adapter ``name`` and serve it under route node ``route`` for ``key`` (replacing
-    whatever that key served). ``tensors`` (architecture-neutral names, as saved) are loaded."""
-    composed._require_active()
-    analysis = composed._analysis
-    graph = composed.graph
-    node = graph.specs.get(route)
-    if not isinstance(node, OperatorSpec) or node.operator != "route":
-        raise ComposerError(f"{route!r} is not a route node of this composition; route nodes: {_routes(composed)}")
-    if name in graph:
-        raise CompositionError([Diagnostic(code="duplicate-name", message=f"the name {name!r} is already used", nodes=(name,))])
-    spec = AdapterSpec(
-        name=name,
-        method=method,
-        targets=None if targets is None else tuple(targets),
-        layers=None if layers is None else tuple(layers),
-        config=config,
-    )
-    diags: list[Diagnostic] = []
-    record = composed.registry.methods.get(method)
-    if record is None:
-        raise CompositionError([Diagnostic(code="unknown-method", message=f"no plugin registers method {method!r}", nodes=(name,))])
-    try:
-        cfg = record.config.model_validate(config)
-    except Exception as exc:  # pydantic's ValidationError: report it as validation does
-        raise CompositionError([Diagnostic(code="bad-config", message=f"adapter {name!r} ({method}): {exc}", nodes=(name,))]) from None
-    infos = analysis.resolver.sites(spec, record, cfg, diags)
-    if diags:
-        raise CompositionError(diags, "hot swap")
-    nodes = _route_nodes(composed, route)
-    outside = [i.path for i in infos if (i.path, i.family) not in nodes]
-    if outside:
-        raise ComposerError(
-            f"adapter {name!r} acts at {outside[:3]}, where route {route!r} does not act; "
-            "hot swap only replaces what a route already covers (re-compose to add sites)"
-        )
-    # build: the new modules and leaves, before anything changes
-    analysis.methods[name], analysis.configs[name], analysis.sites[name] = record, cfg, infos
-    build_adapter(analysis, name, composed._rt)
-    leaves, plan_leaves = {}, {}
-    for info in infos:
-        where = (info.path, info.family)
-        plan_leaf = Leaf(name, record.name, info.kind, info.key, info.out_slice)
-        plan_leaves[where] = plan_leaf
-        leaf = _leaf(composed._rt, plan_leaf, info.family, composed.plan.site(*where))
-        leaf.train(composed.model.training)
-        if info.family == "linear":
-            object.__setattr__(leaf, "site", composed._rt.sites[where])  # back-reference, not a submodule
-        leaves[where] = leaf
-    if tensors is not None:
-        from adapter_composer.live.handles import AdapterHandle
+    whatever that key served). ``tensors`` (architecture-neutral names, as saved) are loaded.
 
-        handle = AdapterHandle(name, record.name, cfg, composed._rt.adapters[name], composed._rt.method_shared.get(name))
-        problems = check_tensors(f"adapter {name!r}", tensors, handle.expected_shapes())
-        if problems:
-            _forget(composed, name)
-            raise ComposerError("the tensors do not fit the adapter:\n  " + "\n  ".join(problems))
-        handle.load_tensors(tensors)
-    # commit: graph, route nodes, plan, handles
-    previous = dict(zip(node.keys or (), node.children, strict=True)).get(key)
-    replaced = _replace_key(graph, node, key, name)
-    graph._add(spec)
-    graph.replace(replaced)
-    if previous is not None and not any(
-        previous in s.children for s in graph.specs.values() if isinstance(s, OperatorSpec)
-    ):  # the adapter this key served is no longer used anywhere: drop it
-        graph.remove(previous)
-        _forget(composed, previous)
-        composed.adapters.pop(previous, None)
-    for where, leaf in leaves.items():
-        nodes[where].set_child(key, leaf)
-    _refresh_plan(composed, route, {where: {key: plan_leaves[where]} for where in leaves})
-    from adapter_composer.live.handles import AdapterHandle
-
-    composed.adapters[name] = AdapterHandle(name, record.name, cfg, composed._rt.adapters[name], composed._rt.method_shared.get(name))
-    composed._patch.model_hook.route_keys = composed._patch.model_hook.route_keys | {key}
-    return composed.adapters[name]
+    Everything is checked, and the new adapter built and loaded, before the composition
+    changes: on any error it serves exactly what it served before."""
+    if not isinstance(key, str):
+        raise HotSwapError(f"route keys are strings, got {key!r:.60}")
+    staged = _stage(composed, name, method, route, targets, layers, tensors, config, None)
+    return _commit(composed, staged, route, key)
 
 
 def _replace_key(graph: Any, node: OperatorSpec, key: str, name: str) -> OperatorSpec:
@@ -133,15 +204,19 @@ def _replace_key(graph: Any, node: OperatorSpec, key: str, name: str) -> Operato
     return node.model_copy(update={"children": tuple(children), "keys": tuple(keys)})
 
 
+def _known(composed: Any, name: Any) -> None:
+    if not isinstance(name, str) or name not in composed.adapters:
+        raise UnknownAdapterError(f"no adapter {name!r:.80}; adapters: {sorted(composed.adapters)}")
+
+
 def remove_adapter(composed: Any, name: str) -> None:
     """Stop serving adapter ``name`` (it must sit directly under route nodes only)."""
     composed._require_active()
     graph = composed.graph
-    if name not in composed.adapters:
-        raise KeyError(f"no adapter {name!r}; adapters: {sorted(composed.adapters)}")
+    _known(composed, name)
     parents = [s for s in graph.specs.values() if isinstance(s, OperatorSpec) and name in s.children]
     if not parents or any(p.operator != "route" for p in parents):
-        raise ComposerError(f"adapter {name!r} is not only under route nodes; hot removal needs that (re-compose instead)")
+        raise HotSwapError(f"adapter {name!r} is not only under route nodes; hot removal needs that (re-compose instead)")
     for parent in parents:
         keys = [k for k, c in zip(parent.keys, parent.children, strict=True) if c == name]
         updates = {}
@@ -162,44 +237,52 @@ def remove_adapter(composed: Any, name: str) -> None:
 
 
 def replace_weights(composed: Any, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Load new weights into adapter ``name`` in place (same shapes): the cheapest swap."""
+    """Load new weights into adapter ``name`` in place (same shapes): the cheapest swap.
+    Names, shapes, dtypes (floating point) and values (finite) are checked first."""
+    _known(composed, name)
     handle = composed.adapters[name]
-    problems = check_tensors(f"adapter {name!r}", tensors, handle.expected_shapes())
+    problems = _tensor_problems(f"adapter {name!r}", tensors, handle.expected_shapes(), dtypes(handle.state_dict()))
     if problems:
-        raise ComposerError("the tensors do not fit the adapter:\n  " + "\n  ".join(problems))
+        raise _refuse(problems, None)
     handle.load_tensors(tensors)
 
 
-def load_adapter(composed: Any, directory: str | Path, *, name: str, route: str, key: str, adapter: str | None = None) -> Any:
+def load_adapter(composed: Any, directory: str | Path, *, name: str, route: str, key: str, adapter: str | None = None) -> AdapterHandle:
     """Serve an adapter from disk under ``route`` for ``key``: a PEFT adapter directory, or a
-    saved composition (pick ``adapter``, default the only one / ``name``)."""
-    from adapter_composer.formats.composition import MANIFEST, read_manifest
-    from adapter_composer.formats.files import read_safetensors
+    saved composition (pick ``adapter``, default the only one / ``name``). The directory is
+    read and checked as :func:`adapter_composer.load` checks it, and the adapter built and
+    loaded, before the composition changes."""
+    from adapter_composer.formats.composition import read_composition
+    from adapter_composer.formats.manifest import MANIFEST, load_manifest
     from adapter_composer.formats.peft import CONFIG, read_peft
 
+    if not isinstance(key, str):
+        raise HotSwapError(f"route keys are strings, got {key!r:.60}")
     directory = Path(directory)
     if (directory / CONFIG).is_file():
         peft = read_peft(directory, registry=composed.registry)
         if peft.modules:
-            raise ComposerError(
+            raise HotSwapError(
                 f"{directory} also holds whole modules (modules_to_save: {sorted(peft.modules)}); hot swap serves one "
                 "adapter per key, so re-compose instead: ac.from_peft, or a route over stack(adapter, module copy)"
             )
-        handle = add_adapter(composed, name, peft.method, route=route, key=key, targets=list(peft.targets), **dict(peft.config))
-        peft.load_into(composed, name)
-        return handle
+        staged = _stage(composed, name, peft.method, route, list(peft.targets), None, peft.neutral_tensors, peft.config, directory)
+        return _commit(composed, staged, route, key)
     if not (directory / MANIFEST).is_file():
-        raise ComposerError(f"{directory} is neither a PEFT adapter nor a saved composition")
-    manifest = read_manifest(directory)
-    nodes = {n["name"]: n for n in manifest["graph"]["nodes"] if n.get("type") == "adapter"}
-    pick = adapter or (name if name in nodes else (next(iter(nodes)) if len(nodes) == 1 else None))
+        raise AdapterFileError(f"{directory} is neither a PEFT adapter nor a saved composition")
+    nodes = sorted(load_manifest(directory).adapters)
+    pick = adapter or (name if name in nodes else (nodes[0] if len(nodes) == 1 else None))
     if pick not in nodes:
-        raise ComposerError(f"choose adapter= among {sorted(nodes)} in {directory}")
-    spec = nodes[pick]
-    tensors = read_safetensors(directory / manifest["adapters"][pick]["file"])
-    return add_adapter(
-        composed, name, spec["method"], route=route, key=key, targets=spec.get("targets"), layers=spec.get("layers"), tensors=tensors, **spec.get("config", {})
+        raise HotSwapError(f"choose adapter= among {nodes} in {directory}")
+    saved = read_composition(directory, registry=composed.registry, only=pick)
+    base = saved.manifest.base_model
+    if (base.shapes_sha256, base.model_type) != (composed.fingerprint["shapes_sha256"], composed.fingerprint["model_type"]):
+        raise AdapterFileError(f"{directory} was saved on a different base model than this composition's")
+    spec = saved.graph.spec(pick)
+    staged = _stage(
+        composed, name, spec.method, route, spec.targets, spec.layers, saved.adapter_tensors[pick], spec.config, directory
     )
+    return _commit(composed, staged, route, key)
 
 
 def _forget(composed: Any, name: str) -> None:

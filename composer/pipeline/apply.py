@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from adapter_composer.pipeline import contract
 from adapter_composer.pipeline.plan import Leaf, OpNode, Plan, Program, SitePlan
 from adapter_composer.pipeline.validate import Analysis
 from adapter_composer.registry import Registry
@@ -77,22 +78,17 @@ def build_adapter(analysis: Analysis, name: str, rt: Runtime) -> None:
     infos = analysis.sites[name]
     shared = None
     if method.shared is not None:
-        module = method.shared(config, infos)
+        module = contract.build_shared(method, name, config, infos)
         rt.method_shared[name] = module
         rt.container.methods[name] = module
         shared = SharedRef(module)
     modules: dict[str, nn.Module] = {}
     by_key: dict[str, SiteInfo] = {}
     for info in infos:
-        module = (
-            method.build(config, info) if shared is None else method.build(config, info, shared)
-        )
-        if not isinstance(module, nn.Module):
-            raise TypeError(
-                f"method {method.name!r} (plugin {method.plugin!r}) built {type(module).__name__}, not an nn.Module, for {info.key}"
-            )
+        module = contract.build_module(method, name, config, info, shared)
         modules[info.key] = module.to(device=info.device)
         by_key[info.key] = info
+    contract.probe_adapter(method, name, infos, modules)  # third-party modules keep the contract
     rt.adapters[name] = modules
     rt.infos[name] = by_key
 
@@ -257,7 +253,7 @@ def _generate_with_route(generate):
     def wrapper(*args, route=None, **kwargs):
         if route is None:
             return generate(*args, **kwargs)
-        token = ROUTE.set(route if isinstance(route, str) else tuple(route))
+        token = ROUTE.set(tuple(route) if isinstance(route, list | tuple) else route)  # the hook checks it
         try:
             return generate(*args, **kwargs)
         finally:

@@ -14,53 +14,25 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import networkx as nx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adapter_composer.errors import CompositionError
+from adapter_composer.errors import CompositionError, UnknownNodeError
+from adapter_composer.pipeline.specs import (
+    NAME_PATTERN,
+    AdapterSpec,
+    OperatorSpec,
+    Spec,
+    _spec,
+    adapter_spec,
+    duplicate_diagnostic,
+    node_from_dict,
+)
 from adapter_composer.registry import Diagnostic
 
 FORMAT = "adapter-composer.graph"
-NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$"
 VERSION = 1
-
-
-class AdapterSpec(BaseModel):
-    """A named adapter: a method, where it acts, and the method's configuration."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    type: Literal["adapter"] = "adapter"
-    name: str = Field(pattern=NAME_PATTERN, description="unique name: letters, digits, '_' and '-'")
-    method: str = Field(min_length=1, description="registered method name, e.g. 'lora'")
-    targets: tuple[str, ...] | None = Field(
-        None,
-        description="roles ('attn.q'), module names ('q_proj') or regexes ('re:...'); None: the method's default",
-    )
-    layers: tuple[int, ...] | None = Field(
-        None, description="layer indices to act on; None: all layers"
-    )
-    config: dict[str, Any] = Field(default_factory=dict, description="the method's configuration")
-
-
-class OperatorSpec(BaseModel):
-    """A composition node: an operator over child nodes (adapters or operators)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    type: Literal["operator"] = "operator"
-    name: str = Field(pattern=NAME_PATTERN, description="unique name: letters, digits, '_' and '-'")
-    operator: str = Field(min_length=1, description="registered operator name, e.g. 'stack'")
-    children: tuple[str, ...] = Field(description="child node names, in order")
-    keys: tuple[str, ...] | None = Field(
-        None, description="routing keys, one per child (route only)"
-    )
-    options: dict[str, Any] = Field(default_factory=dict, description="the operator's options")
-
-
-Spec = AdapterSpec | OperatorSpec
-
-
 class Node(str):
     """The name of a node, returned by the declaring call; usable wherever a name is."""
 
@@ -68,7 +40,15 @@ class Node(str):
 def _name_of(item: Any) -> str:
     if isinstance(item, str):
         return str(item)
-    raise TypeError(f"expected a node name or a node returned by Graph, got {item!r}")
+    raise CompositionError(
+        [
+            Diagnostic(
+                code="bad-node",
+                message=f"expected a node name or a node returned by Graph, got {item!r:.80}",
+                fix="pass the names (or the values g.adapter(...) returned) of declared nodes",
+            )
+        ]
+    )
 
 
 class Graph:
@@ -91,17 +71,7 @@ class Graph:
         **config: Any,
     ) -> Node:
         """Declare an adapter ``name`` of ``method``; keyword arguments are its config."""
-        if isinstance(targets, str):
-            targets = [targets]
-        spec = _spec(
-            AdapterSpec,
-            name=name,
-            method=method,
-            targets=None if targets is None else tuple(targets),
-            layers=None if layers is None else tuple(layers),
-            config=config,
-        )
-        return self._add(spec)
+        return self._add(adapter_spec(name, method, targets, layers, config))
 
     def op(
         self,
@@ -150,6 +120,16 @@ class Graph:
 
     def route(self, table: Mapping[str, Any], *, name: str | None = None, **options: Any) -> Node:
         """Per-example selection by key: ``{"sst2": "sst2_lora", "mrpc": "mrpc_lora"}``."""
+        if not isinstance(table, Mapping):
+            raise CompositionError(
+                [
+                    Diagnostic(
+                        code="bad-node",
+                        message=f"route() takes a mapping key -> child, got {type(table).__name__}",
+                        fix='g.route({"sst2": "sst2_lora", "mrpc": "mrpc_lora"})',
+                    )
+                ]
+            )
         return self.op("route", *table.values(), keys=list(table.keys()), name=name, **options)
 
     def _add(self, spec: Spec) -> Node:
@@ -165,7 +145,7 @@ class Graph:
     def remove(self, name: str) -> None:
         """Remove a node (operators referring to it then report it missing at validation)."""
         if name not in self._specs:
-            raise KeyError(f"no node named {name!r}; nodes: {list(self._specs)}")
+            raise UnknownNodeError(f"no node named {name!r}; nodes: {list(self._specs)}")
         del self._specs[name]
         if self._g.has_node(name):
             parents = list(self._g.predecessors(name))
@@ -176,7 +156,7 @@ class Graph:
     def replace(self, spec: Spec) -> None:
         """Replace the spec of an existing node with one of the same name."""
         if spec.name not in self._specs:
-            raise KeyError(f"no node named {spec.name!r}")
+            raise UnknownNodeError(f"no node named {spec.name!r}; nodes: {list(self._specs)}")
         old = self._specs[spec.name]
         if isinstance(old, OperatorSpec):
             for child in old.children:
@@ -198,8 +178,8 @@ class Graph:
     def spec(self, name: str) -> Spec:
         try:
             return self._specs[name]
-        except KeyError:
-            raise KeyError(f"no node named {name!r}; nodes: {list(self._specs)}") from None
+        except (KeyError, TypeError):
+            raise UnknownNodeError(f"no node named {name!r}; nodes: {list(self._specs)}") from None
 
     @property
     def specs(self) -> dict[str, Spec]:
@@ -269,6 +249,9 @@ class Graph:
 
     @classmethod
     def from_dict(cls, data: Any) -> Graph:
+        """A graph from :meth:`to_dict`'s output (e.g. parsed JSON), checked strictly: every
+        field has its declared type, nothing is coerced (``"layers": ["1"]`` or ``[true]`` is
+        refused, not read as ``[1]``), and unknown keys are refused."""
         problems: list[Diagnostic] = []
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CompositionError(
@@ -284,37 +267,25 @@ class Graph:
             problems.append(
                 Diagnostic(
                     code="bad-graph-file",
-                    message=f"graph format version {data.get('version')!r} is not supported (this library reads {VERSION})",
+                    message=f"graph format version {data.get('version')!r:.40} is not supported (this library reads {VERSION})",
                     fix="upgrade adapter-composer",
                 )
             )
-        graph = cls()
-        for i, raw in enumerate(data.get("nodes", [])):
-            kind = raw.get("type") if isinstance(raw, dict) else None
-            model = (
-                AdapterSpec if kind == "adapter" else OperatorSpec if kind == "operator" else None
+        extra = sorted(str(k) for k in data if k not in ("format", "version", "nodes"))
+        if extra:
+            problems.append(
+                Diagnostic(code="bad-graph-file", message=f"unknown top-level keys {extra[:5]}")
             )
-            if model is None:
-                problems.append(
-                    Diagnostic(
-                        code="bad-graph-file",
-                        message=f"node #{i} has type {kind!r}; expected 'adapter' or 'operator'",
-                    )
-                )
-                continue
-            try:
-                spec = model.model_validate(raw)
-            except ValidationError as exc:
-                detail = "; ".join(
-                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-                )
-                problems.append(
-                    Diagnostic(
-                        code="bad-graph-file",
-                        message=f"node #{i}: {detail}",
-                        nodes=(str(raw.get("name", "?")),),
-                    )
-                )
+        nodes = data.get("nodes", [])
+        if not isinstance(nodes, list):
+            nodes = []
+            problems.append(
+                Diagnostic(code="bad-graph-file", message="'nodes' must be a list of node objects")
+            )
+        graph = cls()
+        for i, raw in enumerate(nodes):
+            spec = node_from_dict(i, raw, problems)
+            if spec is None:
                 continue
             if spec.name in graph._specs:
                 problems.append(duplicate_diagnostic(spec.name, graph._specs[spec.name]))
@@ -328,7 +299,12 @@ class Graph:
     def from_json(cls, text: str) -> Graph:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except RecursionError:
+            raise CompositionError(
+                [Diagnostic(code="bad-graph-file", message="graph JSON nests too deeply to read")],
+                "reading a graph",
+            ) from None
+        except (json.JSONDecodeError, TypeError) as exc:
             raise CompositionError(
                 [Diagnostic(code="bad-graph-file", message=f"graph JSON does not parse: {exc}")],
                 "reading a graph",
@@ -336,33 +312,15 @@ class Graph:
         return cls.from_dict(data)
 
 
-def _spec(model: type, **fields: Any) -> Spec:
-    try:
-        return model(**fields)
-    except ValidationError as exc:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise CompositionError(
-            [
-                Diagnostic(
-                    code="bad-node",
-                    message=f"cannot declare {fields.get('name')!r}: {detail}",
-                    nodes=(str(fields.get("name")),),
-                    rule="names use letters, digits, '_' and '-'; targets are strings; layers are integers",
-                )
-            ]
-        ) from None
-
-
-def duplicate_diagnostic(name: str, existing: Spec) -> Diagnostic:
-    what = (
-        f"adapter of method {existing.method!r}"
-        if isinstance(existing, AdapterSpec)
-        else f"{existing.operator} node"
-    )
-    return Diagnostic(
-        code="duplicate-name",
-        message=f"the name {name!r} is already used by an {what}",
-        nodes=(name,),
-        rule="node names are unique within a graph",
-        fix=f"choose another name, or Graph.remove({name!r}) first",
-    )
+__all__ = [
+    "FORMAT",
+    "NAME_PATTERN",
+    "VERSION",
+    "AdapterSpec",
+    "Graph",
+    "Node",
+    "OperatorSpec",
+    "Spec",
+    "adapter_spec",
+    "duplicate_diagnostic",
+]

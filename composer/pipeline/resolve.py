@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from adapter_composer.errors import ComposerError, PatternError
+from adapter_composer.patterns import MATCH_TIMEOUT, MAX_LENGTH, filter_fullmatch
 from adapter_composer.pipeline.graph import AdapterSpec
 from adapter_composer.registry import (
     KINDS,
@@ -149,9 +150,8 @@ class Resolver:
         return None
 
     def _pattern_locations(self, spec: AdapterSpec, pattern: str) -> list[_Location]:
-        if pattern.startswith("re:"):
-            rx = re.compile(pattern[3:])
-            paths = [n for n in self.names if rx.fullmatch(n)]
+        if pattern.startswith("re:"):  # bounded time: targets may come from a file
+            paths = filter_fullmatch(pattern[3:], self.names, what=f"adapter {spec.name!r}: target regex")
         else:
             paths = [n for n in self.names if n == pattern or n.endswith("." + pattern)]
         return [_Location(f"module.{p}", p, None, None, Module(p)) for p in paths]
@@ -218,7 +218,19 @@ class Resolver:
                         )
                     )
                 continue
-            found = self._pattern_locations(spec, t)
+            try:
+                found = self._pattern_locations(spec, t)
+            except PatternError as exc:
+                diags.append(
+                    Diagnostic(
+                        code="bad-pattern",
+                        message=str(exc),
+                        nodes=(spec.name,),
+                        rule=f"a target regex is valid, at most {MAX_LENGTH} characters, and matches a module path in under {MATCH_TIMEOUT} s",
+                        fix="fix or simplify the regex (avoid nested repetition such as '(a*)*')",
+                    )
+                )
+                continue
             if found:
                 locs.extend(found)
                 continue
@@ -489,4 +501,7 @@ def _output_width(model: nn.Module, module: nn.Module) -> int:
             return int(getattr(cfg, attr))
     if is_linear(module):
         return linear_shape(module)[1]
-    raise ValueError(f"cannot tell the width of {type(module).__name__}")
+    raise ComposerError(
+        f"cannot tell the output width of {type(module).__name__}: the model's config has no "
+        "hidden_size, n_embd or d_model; target a linear layer instead"
+    )

@@ -5,7 +5,7 @@ Rules and their stable codes (README "Validation" lists them with examples):
 graph      unknown-node, unknown-operator, bad-options, operator-arity, bad-route-keys,
            cycle, forbidden-nesting, duplicate-name, bad-graph-file
 adapters   unknown-method, bad-config
-targets    unknown-role, role-missing, no-architecture, pattern-matches-nothing, no-targets,
+targets    unknown-role, role-missing, no-architecture, pattern-matches-nothing, bad-pattern, no-targets,
            target-not-linear, point-missing, bad-layers, role-path-missing, kind-target-mismatch
 sites      unsupported-operator, no-declared-order, incompatible-scales, method-conflict,
            stack-order, plugin-check-failed (and whatever plugins add through check_graph:

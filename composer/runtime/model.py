@@ -167,6 +167,8 @@ class ModelHook:
             raise RoutingError("route= was given, but this composition has no route node")
         if isinstance(keys, str):
             keys = [keys] * batch
+        if not isinstance(keys, list | tuple):
+            raise RoutingError(f"route= takes a key or a list of keys (one per row), not {type(keys).__name__}")
         keys = tuple(None if k is None else str(k) for k in keys)
         if len(keys) != batch:
             raise RoutingError(f"route= has {len(keys)} keys for a batch of {batch} rows")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from adapter_composer.formats.peft import peft_float, peft_int
 from adapter_composer.registry import Capabilities, Diagnostic, hookimpl
 
 __version__ = "0.1.0"
@@ -72,7 +73,7 @@ class LohaPeftCodec:
             unsupported.append("conv/rank/module dropout options")
         if unsupported:
             raise ValueError(f"unsupported PEFT LoHa options: {unsupported}")
-        return {"r": int(peft.get("r", 8)), "alpha": float(peft.get("alpha", 8))}
+        return {"r": peft_int(peft, "r", 8, minimum=1), "alpha": peft_float(peft, "alpha", 8.0)}
 
     def to_peft(self, config: LohaConfig, sites: list) -> dict:
         return {

@@ -24,21 +24,29 @@ def _composed(registry, model=None):
     return composed
 
 
+def _file(path, adapter):
+    """The weights file of ``adapter`` in a saved composition (its name changes every save)."""
+    manifest = json.loads((path / "composition.json").read_text())
+    name = manifest["operators_file"] if adapter is None else manifest["adapters"][adapter]["file"]
+    return path / name
+
+
 def test_round_trip_is_bit_identical(registry, tmp_path):
     composed = _composed(registry)
     batch = inputs()
     out = output(composed.model, batch)
     path = composed.save(tmp_path / "run")
     manifest = json.loads((path / "composition.json").read_text())
+    token = manifest["operators_file"].split(".")[1]
     assert sorted(p.name for p in path.iterdir()) == [
+        f"adapter.mrpc.{token}.safetensors",
+        f"adapter.sst2.{token}.safetensors",
         "composition.json",
-        "mrpc.safetensors",
-        "operators.safetensors",
-        "sst2.safetensors",
+        f"operators.{token}.safetensors",
     ]
     assert manifest["methods"]["lora"]["plugin"] == "adapter_composer.plugins.lora"
     assert manifest["base_model"]["model_type"] == "llama"
-    keys = sorted(load_file(str(path / "sst2.safetensors")))
+    keys = sorted(load_file(str(_file(path, "sst2"))))
     assert keys[:2] == [
         "layers.0.attn.q.lora_A",
         "layers.0.attn.q.lora_B",
@@ -76,13 +84,18 @@ def test_failed_write_leaves_the_previous_save(registry, tmp_path, monkeypatch):
     composed = _composed(registry)
     target = composed.save(tmp_path / "run")
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    import adapter_composer.formats.composition as io
+    import adapter_composer.formats.commit as commit
 
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
+    real, calls = commit.write_new, []
 
-    monkeypatch.setattr(io, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    def broken(path, data):
+        calls.append(path.name)
+        if len(calls) == 3:  # the journal and one weights file went through
+            raise OSError("disk full")
+        real(path, data)
+
+    monkeypatch.setattr(commit, "write_new", broken)
+    with pytest.raises(AdapterFileError, match="disk full.*the previous save is unchanged"):
         composed.save(target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
@@ -97,13 +110,13 @@ def _assert_untouched_after(model, fn):
 
 def test_truncated_safetensors(registry, tmp_path):
     path = _composed(registry).save(tmp_path / "run")
-    data = (path / "sst2.safetensors").read_bytes()
-    (path / "sst2.safetensors").write_bytes(data[: len(data) // 2])
+    data = _file(path, "sst2").read_bytes()
+    _file(path, "sst2").write_bytes(data[: len(data) // 2])
     model = tiny_llama()
 
     def attempt():
         with pytest.raises(
-            AdapterFileError, match="sst2.safetensors is not a readable safetensors file"
+            AdapterFileError, match=r"sst2\.\w+\.safetensors is not a readable safetensors file"
         ):
             ac.load(model, path, registry=registry)
 
@@ -112,16 +125,16 @@ def test_truncated_safetensors(registry, tmp_path):
 
 def test_garbage_header(registry, tmp_path):
     path = _composed(registry).save(tmp_path / "run")
-    (path / "mrpc.safetensors").write_bytes(b"\xff" * 64)
-    with pytest.raises(AdapterFileError, match="mrpc.safetensors"):
+    _file(path, "mrpc").write_bytes(b"\xff" * 64)
+    with pytest.raises(AdapterFileError, match=r"adapter\.mrpc\.\w+\.safetensors"):
         ac.load(tiny_llama(), path, registry=registry)
 
 
 def test_wrong_shape_tensor_is_named(registry, tmp_path):
     path = _composed(registry).save(tmp_path / "run")
-    tensors = load_file(str(path / "sst2.safetensors"))
+    tensors = load_file(str(_file(path, "sst2")))
     tensors["layers.1.attn.v.lora_B"] = torch.zeros(32, 5)
-    save_file(tensors, str(path / "sst2.safetensors"))
+    save_file(tensors, str(_file(path, "sst2")))
     model = tiny_llama()
 
     def attempt():
@@ -136,10 +149,10 @@ def test_wrong_shape_tensor_is_named(registry, tmp_path):
 
 def test_missing_and_unexpected_tensors_are_listed(registry, tmp_path):
     path = _composed(registry).save(tmp_path / "run")
-    tensors = load_file(str(path / "mrpc.safetensors"))
+    tensors = load_file(str(_file(path, "mrpc")))
     tensors.pop("layers.0.mlp.down.magnitude")
     tensors["layers.9.mlp.down.lora_A"] = torch.zeros(1)
-    save_file(tensors, str(path / "mrpc.safetensors"))
+    save_file(tensors, str(_file(path, "mrpc")))
     with pytest.raises(AdapterFileError) as err:
         ac.load(tiny_llama(), path, registry=registry)
     assert "missing tensors ['layers.0.mlp.down.magnitude']" in str(err.value)
