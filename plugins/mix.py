@@ -7,11 +7,20 @@
 
 Each site has its own router (an affine map from the site's input to one logit per expert,
 zero-initialised so the gate starts uniform), or, with ``router="layer"``, each layer has one
-router over the layer's input hidden state, shared by all the mix's sites in that layer. The load-balancing loss of Switch/Mixtral,
-E · Σₑ fₑ Pₑ (fₑ: share of tokens whose top-k includes e, Pₑ: mean gate), is recorded per
-site for training (``composed.aux_loss()``); gate values can be recorded for analysis
-(``composed.record_gates()``). Per-sequence gates are computed at the prefill and kept
-for the following ``generate()`` steps, which continue the same KV cache.
+router over the layer's input hidden state, shared by all the mix's sites in that layer. Either
+way the routers live in the node's :class:`MixRouters`, in the model's container, so saving and
+loading a composition (and training checkpoints) carry them.
+
+Per-sequence gates pool over the real tokens of each row (the call's attention mask):
+
+    g_seq = softmax(router(Σ_t m_t x_t / Σ_t m_t) / τ),   m_t = 1 for real tokens, 0 for padding
+
+and the load-balancing loss of Switch/Mixtral, E · Σₑ fₑ Pₑ (fₑ: share of the routing
+choices that picked e, Pₑ: mean gate), averages over real tokens (or sequences) only, so the
+amount of padding changes neither outputs nor loss. The loss is recorded per site for
+training (``composed.aux_loss()``); gate values can be recorded for analysis
+(``composed.record_gates()``). Per-sequence gates are computed at the prefill and kept for
+the following ``generate()`` steps, which continue the same KV cache.
 """
 
 from __future__ import annotations
@@ -40,64 +49,114 @@ class MixOptions(BaseModel):
     )
 
 
-class LayerRouters(nn.Module):
-    """The per-layer routers of one mix node (router="layer"), shared by the sites of a layer."""
+class MixRouters(nn.Module):
+    """The routers of one mix node, shared by its sites: one per site (router="site", keyed by
+    the site's name) or one per layer (router="layer", keyed by the layer index, shared by the
+    layer's sites). They live once in the model's ``adapter_composer`` container, so
+    ``composed.save``/``adapter_composer.load`` (``operators.safetensors``) and training
+    checkpoints carry them like every operator weight."""
 
     def __init__(self, n_experts: int):
         super().__init__()
         self.n_experts = n_experts
         self.routers = nn.ModuleDict()
 
-    def router(self, layer: int, width: int) -> nn.Linear:
-        key = str(layer)
+    @staticmethod
+    def name_of(where: str | int) -> str:
+        """The key of a site's (or a layer's) router: ``layers.0.attn.q`` → ``layers:0:attn:q``."""
+        return str(where).replace(".", ":")
+
+    def router(self, where: str | int, width: int, device: torch.device | None = None) -> nn.Linear:
+        key = self.name_of(where)
         if key not in self.routers:
-            linear = nn.Linear(width, self.n_experts)
+            linear = nn.Linear(width, self.n_experts, device=device)
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
             self.routers[key] = linear
         return self.routers[key]
 
 
+def _pool(source: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the real tokens of each sequence: [B, T, d] → [B, 1, d] (padding excluded)."""
+    if real is None:
+        return source.mean(dim=1, keepdim=True)
+    weights = real.to(source.dtype).unsqueeze(-1)  # [B, T, 1]
+    count = weights.sum(dim=1, keepdim=True).clamp(min=1)
+    return (source * weights).sum(dim=1, keepdim=True) / count
+
+
+def balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """E · Σₑ fₑ Pₑ over the gated units that are real (tokens, or sequences with a real token):
+    fₑ = share of the routing choices that picked e, Pₑ = mean gate of e."""
+    flat_p = probs.reshape(-1, probs.shape[-1])
+    flat_c = chosen.reshape(-1, chosen.shape[-1])
+    if real is None:
+        share = flat_c.mean(0) / flat_c.sum(-1).mean()
+        mean_prob = flat_p.mean(0)
+    else:
+        w = real.reshape(-1, 1).to(flat_p.dtype)
+        share = (flat_c * w).sum(0) / (flat_c.sum(-1, keepdim=True) * w).sum().clamp(min=1e-12)
+        mean_prob = (flat_p * w).sum(0) / w.sum().clamp(min=1)
+    return probs.shape[-1] * (share * mean_prob).sum()
+
+
 class MixNode(nn.Module):
     def __init__(
-        self, children: list[nn.Module], options: MixOptions, width: int, node: str, where: str,
-        layer_router: Any = None, layer: int | None = None, present: list[int] | None = None,
+        self, children: list[nn.Module], options: MixOptions, node: str, where: str,
+        routers: Any, router_key: str | int, layer: int | None = None, present: list[int] | None = None,
     ):
         super().__init__()
         self.items = nn.ModuleList(children)
         self.options = options
         self.node = node
         self.where = where
-        self.block_layer = layer if layer_router is not None else None  # the host captures this layer's input
-        self._layer_router = layer_router  # a SharedRef: the router lives once in the container
-        self.present = present  # which of the node's experts act here (the layer router scores all)
-        if layer_router is None:
-            self.router = nn.Linear(width, len(children))
-            nn.init.zeros_(self.router.weight)
-            nn.init.zeros_(self.router.bias)
+        self.block_layer = layer  # per-layer router: the host captures this layer's input
+        self._routers = routers  # a SharedRef to the node's MixRouters (in the container)
+        self._router_key = MixRouters.name_of(router_key)
+        self.present = present  # which of the node's experts act here (a layer router scores all)
         if not options.train_experts:
             for p in self.items.parameters():
                 p.requires_grad_(False)
 
+    @property
+    def router(self) -> nn.Linear:
+        """This site's router (router="site"; a per-layer router is shared, see MixRouters)."""
+        if self.block_layer is not None:
+            raise AttributeError(f"mix node {self.node!r} uses per-layer routers: composed._rt.shared[{self.node!r}].routers")
+        return self._routers().routers[self._router_key]
+
     # --- the gate ---------------------------------------------------------------------
 
-    def gates(self, source: torch.Tensor, state: Any) -> torch.Tensor:
-        """Gate values [..., E] for ``source`` [B, T, d] (per sequence: [B, 1, E])."""
+    def gates(self, source: torch.Tensor, call: Any) -> torch.Tensor:
+        """Gate values [..., E] for ``source`` [B, T, d] (per sequence: [B, 1, E]).
+
+        Per-sequence gates pool over the call's real tokens (its attention mask), and the
+        balancing loss counts real tokens (or sequences) only, so padding changes nothing."""
         opts = self.options
+        state = call.state
+        rows = getattr(call, "rows", None)
         label = f"{self.node}@{self.where}"
-        sticky_key = (id(self), "gates")
-        if opts.granularity == "sequence" and state is not None and state.continuing and sticky_key in state.sticky:
+        sticky_key = None
+        if opts.granularity == "sequence":  # kept for the generate() steps that continue this call's cache
+            sticky_key = (id(self), "gates") if rows is None else (id(self), "gates", tuple(rows.tolist()))
+        if sticky_key is not None and state is not None and state.continuing and sticky_key in state.sticky:
             gates = state.sticky[sticky_key]  # computed at the prefill of this generation
         else:
-            router = self.router if self._layer_router is None else self._layer_router().router(self.block_layer, 0)
-            if self._layer_router is not None:
+            router = self._routers().routers[self._router_key]
+            if self.block_layer is not None:
                 if state is None or self.block_layer not in state.block_inputs:
                     raise RuntimeError(f"mix node {self.node!r}: the input of layer {self.block_layer} was not captured")
                 source = state.block_inputs[self.block_layer]
+                if rows is not None:
+                    source = source.index_select(0, rows)
+            real = None
+            if state is not None and source.dim() == 3:
+                real = state.real_tokens(rows, source.shape[0], source.shape[1])
             if opts.granularity == "sequence" and source.dim() == 3:
-                source = source.mean(dim=1, keepdim=True)
+                source = _pool(source, real)
+                real = None if real is None else real.any(dim=1, keepdim=True)
             logits = router(source.to(router.weight.dtype)) / opts.temperature
-            if self._layer_router is not None and self.present is not None and len(self.present) < logits.shape[-1]:
+            if self.block_layer is not None and self.present is not None and len(self.present) < logits.shape[-1]:
                 logits = logits[..., self.present]
             probs = logits.softmax(-1)
             if opts.top_k is not None and opts.top_k < probs.shape[-1]:
@@ -107,10 +166,8 @@ class MixNode(nn.Module):
             else:
                 gates, chosen = probs, torch.ones_like(probs)
             if state is not None:
-                share = chosen.reshape(-1, chosen.shape[-1]).mean(0) / chosen.sum(-1).mean()
-                mean_prob = probs.reshape(-1, probs.shape[-1]).mean(0)
-                state.aux_losses[label] = opts.aux_loss_weight * probs.shape[-1] * (share * mean_prob).sum()
-                if opts.granularity == "sequence":
+                state.aux_losses[label] = opts.aux_loss_weight * balancing_loss(probs, chosen, real)
+                if sticky_key is not None:
                     state.sticky[sticky_key] = gates
         if state is not None and state.record_gates:
             state.gates[label] = gates.detach()
@@ -119,7 +176,7 @@ class MixNode(nn.Module):
     # --- linear sites -----------------------------------------------------------------
 
     def linear_nf(self, x: torch.Tensor, call: Any) -> NF:
-        g = self.gates(x, call.state).to(x.dtype)
+        g = self.gates(x, call).to(x.dtype)
         parts = [lowrank_of(c) for c in self.items]
         if self.options.top_k is None and all(p is not None for p in parts):
             return NF(e=mixed_delta(x.to(parts[0][0].dtype), parts, g.to(parts[0][0].dtype)))
@@ -156,7 +213,7 @@ class MixNode(nn.Module):
     # --- sublayer sites ---------------------------------------------------------------
 
     def sublayer_residual(self, h: torch.Tensor, call: Any) -> torch.Tensor | None:
-        g = self.gates(h, call.state).to(h.dtype)
+        g = self.gates(h, call).to(h.dtype)
         return residual_weighted([g[..., i : i + 1] for i in range(len(self.items))], [c.sublayer_residual(h, call) for c in self.items])
 
     def extra_repr(self) -> str:
@@ -173,13 +230,14 @@ def _mix(children, options: MixOptions, keys, shared, ctx):
             raise ValueError(f"mix node {ctx.node!r}: router='layer' needs role targets with a layer index, not {where!r}")
         cfg = info.model_config
         hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or cfg.d_model
-        shared().router(info.layer, hidden)  # created now, at build time, so the optimizer sees it
-        return MixNode(children, options, width, ctx.node, where, layer_router=shared, layer=info.layer, present=list(ctx.present))
-    return MixNode(children, options, width, ctx.node, where)
+        shared().router(info.layer, hidden, info.device)  # created now, at build time, so the optimizer sees it
+        return MixNode(children, options, ctx.node, where, shared, info.layer, layer=info.layer, present=list(ctx.present))
+    shared().router(where, width, info.device)
+    return MixNode(children, options, ctx.node, where, shared, where)
 
 
-def _shared(options: MixOptions, n_children: int) -> LayerRouters | None:
-    return LayerRouters(n_children) if options.router == "layer" else None
+def _shared(options: MixOptions, n_children: int) -> MixRouters:
+    return MixRouters(n_children)
 
 
 def _check(options: MixOptions, n_children: int, keys: Any) -> list[str]:

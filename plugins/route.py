@@ -104,7 +104,7 @@ class RouteNode(nn.Module):
         out = NF()
         batch = x.shape[0]
         for i, rows in self._groups(slots):
-            sub = self.items[i].linear_nf(x.index_select(0, rows), call)
+            sub = self.items[i].linear_nf(x.index_select(0, rows), call.narrow(rows))
             for name in ("a", "b", "e"):
                 value = getattr(sub, name)
                 if value is None:
@@ -133,7 +133,7 @@ class RouteNode(nn.Module):
             return None
         total = None
         for i, rows in self._groups(slots):
-            sub_call = SublayerCall(call.site, None if call.x is None else call.x.index_select(0, rows))
+            sub_call = call.narrow(rows)
             r = self.items[i].sublayer_residual(h.index_select(0, rows), sub_call)
             if r is None:
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -28,8 +29,9 @@ from adapter_composer.pipeline.validate import Analysis, analyse
 from adapter_composer.registry import Diagnostic, Registry, default_registry
 from adapter_composer.runtime import CONTAINER_ATTR
 from adapter_composer.runtime.linear import LinearSite
+from adapter_composer.runtime.model import ModelHook
 from adapter_composer.runtime.module import ModuleSite
-from adapter_composer.runtime.state import CallState
+from adapter_composer.runtime.state import CallScope, CallState, not_picklable
 from adapter_composer.sites import logical_shape
 
 
@@ -45,7 +47,7 @@ class Composed:
         analysis: Analysis,
         runtime: Runtime,
         patch: Patch,
-        state: CallState,
+        calls: CallScope,
         fingerprint: dict[str, Any],
     ):
         self.model = model
@@ -55,7 +57,7 @@ class Composed:
         self._analysis = analysis
         self._rt = runtime
         self._patch = patch
-        self.state = state
+        self.calls = calls  # where the sites find each call's state (see adapter_composer.runtime.state)
         self.fingerprint = fingerprint
         self.adapters: dict[str, AdapterHandle] = {
             name: AdapterHandle(
@@ -67,6 +69,8 @@ class Composed:
             )
             for name, mods in runtime.adapters.items()
         }
+        if patch.model_hook is not None:
+            patch.model_hook.composed = self  # Composed.of(model), e.g. of a deep copy of the model
 
     @classmethod
     def create(cls, model: nn.Module, graph: Graph, *, registry: Registry | None = None) -> Composed:
@@ -88,8 +92,8 @@ class Composed:
             raise CompositionError(analysis.diagnostics)
         the_plan = make_plan(analysis)
         print_ = fingerprint(model)
-        state = CallState()
-        runtime = build_runtime(analysis, the_plan, state)
+        calls = CallScope()
+        runtime = build_runtime(analysis, the_plan, calls)
         block_paths = {}
         for layer in sorted(block_layers(runtime)):
             path = analysis.resolver.block_path(layer)
@@ -99,10 +103,37 @@ class Composed:
                                 fix="use router='site', or add a 'block' role to the architecture plugin")]
                 )
             block_paths[layer] = path
-        patch = patch_model(model, runtime, state, the_plan, block_paths=block_paths)
-        composed = cls(model, graph.copy(), the_plan, registry, analysis, runtime, patch, state, print_)
+        patch = patch_model(model, runtime, calls, the_plan, block_paths=block_paths)
+        composed = cls(model, graph.copy(), the_plan, registry, analysis, runtime, patch, calls, print_)
         install(composed)  # save_pretrained / Trainer checkpoints that reload (see adapter_composer.live.hf)
         return composed
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Composed:
+        """The composition applied to ``model``, e.g. to a ``copy.deepcopy`` of a composed model
+        (whose copy has its own: saving, undoing or hot-swapping it leaves the original alone)."""
+        hook = _model_hook(model)
+        if hook is None or not isinstance(hook.composed, cls):
+            raise ComposerError(f"this {type(model).__name__} has no composition applied; compose it with adapter_composer.compose")
+        return hook.composed
+
+    # --- copies -----------------------------------------------------------------------
+
+    def __deepcopy__(self, memo: dict) -> Composed:
+        """An independent composition on a deep copy of the model. The registry (plugins are
+        code) is shared, not copied; everything else, weights and call state included, is new."""
+        registry = self.registry
+        memo.setdefault(id(registry), registry)
+        for record in (*registry.methods.values(), *registry.operators.values(), *registry.architectures):
+            memo.setdefault(id(record), record)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise not_picklable("the Composed handle")
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -185,7 +216,7 @@ class Composed:
         self._require_active()
         if self.merged:
             raise ComposerError("the composition is merged into the weights; call unmerge() before disable_adapter()")
-        with switched_off(self.state):
+        with switched_off(self.calls):
             yield
 
     def trainable_parameters(self) -> ParameterReport:
@@ -220,20 +251,22 @@ class Composed:
 
     @contextlib.contextmanager
     def record_gates(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Record the gate values of every mix site during the block: ``{"node@site": gates}``."""
-        recorded: dict[str, torch.Tensor] = {}
-        previous = self.state.record_gates
-        self.state.record_gates = True
-        try:
+        """Record the gate values of every mix site during the block: ``{"node@site": gates}``
+        (for each site, those of the latest call). Only the calls made in this thread or task
+        (and in tasks or threads started from it with a copy of its context) are recorded."""
+        with self.calls.recording() as recorded:
             yield recorded
-        finally:
-            recorded.update(self.state.gates)
-            self.state.record_gates = previous
+
+    @property
+    def state(self) -> CallState | None:
+        """The state of the latest forward call in this thread or task (None before any)."""
+        return self.calls.current()
 
     def aux_loss(self) -> torch.Tensor:
-        """The load-balancing losses of the last forward call (mix sites), summed; add it to the
-        task loss while training. Zero when the composition has no mix."""
-        losses = list(self.state.aux_losses.values())
+        """The load-balancing losses of the latest forward call in this thread or task (mix
+        sites), summed; add it to the task loss while training. Zero when there is none."""
+        state = self.calls.current()
+        losses = [] if state is None else list(state.aux_losses.values())
         if not losses:
             return torch.zeros(())
         return torch.stack([loss.float() for loss in losses]).sum()
@@ -394,6 +427,13 @@ class Composed:
     def __repr__(self) -> str:
         state = "undone" if self._patch.undone else ("merged" if self.merged else "active")
         return f"Composed({type(self.model).__name__}, {len(self.adapters)} adapters, {len(self.plan.sites)} sites, {state})"
+
+
+def _model_hook(model: nn.Module) -> ModelHook | None:
+    for hook in getattr(model, "_forward_pre_hooks", {}).values():
+        if isinstance(hook, ModelHook):
+            return hook
+    return None
 
 
 def _foldable_site(family: str, site: nn.Module) -> bool:

@@ -96,15 +96,23 @@ def _rename_on_load(depths_of, module, state_dict, prefix, *args) -> None:
             state_dict[prefix + live] = state_dict.pop(prefix + name)
 
 
-def _save_pretrained(composed: Any, original: Any):
-    @functools.wraps(original)
-    def save_pretrained(save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
+class _SavePretrained:
+    """``model.save_pretrained`` while composed. An object holding the composition and the
+    bound original, not a closure, so a deep copy of the model saves its own composition."""
+
+    def __init__(self, composed: Any, original: Any):
+        self.composed = composed
+        self.original = original
+        functools.update_wrapper(self, original)
+
+    def __call__(self, save_directory, is_main_process: bool = True, state_dict=None, **kwargs):
         if kwargs.get("push_to_hub"):
             raise ComposerError(
                 "push_to_hub is not supported while a composition is applied (the upload would miss the "
                 f"{SUBDIR}/ directory): save_pretrained(d) locally, then upload the folder with "
                 "huggingface_hub.upload_folder"
             )
+        composed, original = self.composed, self.original
         state = checkpoint_state(composed, state_dict)
         model = composed.model
         quantizer = getattr(model, "hf_quantizer", None)
@@ -116,7 +124,15 @@ def _save_pretrained(composed: Any, original: Any):
             composed.save(Path(save_directory) / SUBDIR)
         return result
 
-    return save_pretrained
+
+class _Depths:
+    """``wrapper_depths(composed)`` on demand (an object, so deep copies follow their copy)."""
+
+    def __init__(self, composed: Any):
+        self.composed = composed
+
+    def __call__(self) -> dict[str, int]:
+        return wrapper_depths(self.composed)
 
 
 def _save_quantized(model, quantizer, original, state, save_directory, is_main_process, kwargs):
@@ -141,11 +157,11 @@ def install(composed: Any) -> None:
     model: nn.Module = composed.model
     patch = composed._patch
     patch.hooks.append(
-        model.register_load_state_dict_pre_hook(functools.partial(_rename_on_load, lambda: wrapper_depths(composed)))
+        model.register_load_state_dict_pre_hook(functools.partial(_rename_on_load, _Depths(composed)))
     )
     original = getattr(model, "save_pretrained", None)
     if callable(original) and "save_pretrained" not in vars(model):
-        model.save_pretrained = _save_pretrained(composed, original)
+        model.save_pretrained = _SavePretrained(composed, original)
         patch.added_attrs.append((model, "save_pretrained"))
 
 

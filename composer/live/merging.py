@@ -144,11 +144,15 @@ def merge_sum(
     if not 0 < density <= 1 or not 0 <= drop < 1:
         raise ComposerError("density must be in (0, 1] and drop in [0, 1)")
     result = MergeResult(strategy, strategy in EXACT, source=composed)
+    at_sites = [
+        (path, site, *_children_at(site, node))
+        for (path, family), site in composed._rt.sites.items()
+        if family == "linear" and node in {n.node for n in _opnodes(composed.plan.site(path, family).program)}
+    ]
+    for path, _site, leaves, _weights in at_sites:
+        _check_deltas(composed, node, path, leaves)
     with torch.no_grad():
-        for (path, family), site in composed._rt.sites.items():
-            if family != "linear" or node not in {n.node for n in _opnodes(composed.plan.site(path, family).program)}:
-                continue
-            leaves, weights = _children_at(site, node)
+        for path, site, leaves, weights in at_sites:
             deltas = [w * _full_delta(leaf, site) for leaf, w in zip(leaves, weights, strict=True)]
             exact = torch.stack(deltas).sum(0)
             if strategy == "linear":
@@ -176,6 +180,31 @@ def merge_sum(
     if not result.deltas:
         raise ComposerError(f"sum node {node!r} acts at no linear site")
     return result
+
+
+_NOT_A_DELTA = {
+    "linear.scale_out": "it scales the layer's output, y ⊙ l",
+    "linear.scale_in": "it scales the layer's input, W (x ⊙ l)",
+}
+
+
+def _check_deltas(composed: Any, node: str, path: str, leaves: list[Leaf]) -> None:
+    """Every child must be an additive update ΔW (``linear.delta`` with ``delta_weight``)."""
+    for leaf in leaves:
+        method = composed.adapters[leaf.adapter].method if leaf.adapter in composed.adapters else "?"
+        if leaf.kind != "linear.delta":
+            why = _NOT_A_DELTA.get(leaf.kind, f"it acts as {leaf.kind}")
+            raise ComposerError(
+                f"merge_sum({node!r}) cannot merge adapter {leaf.adapter!r} ({method}) at {path}: {why}, which is "
+                "not an additive weight update ΔW, so the strategies (which combine Σ wᵢ ΔWᵢ) do not apply to it. "
+                "Use composed.merge() to fold the whole composition exactly, or merge a sum of delta adapters "
+                "(LoRA, VeRA, AdaLoRA, ...) only."
+            )
+        if not callable(getattr(leaf.op, "delta_weight", None)):
+            raise ComposerError(
+                f"merge_sum({node!r}) cannot merge adapter {leaf.adapter!r} ({method}) at {path}: its module "
+                f"{type(leaf.op).__name__} implements no delta_weight(site), so its ΔW is unknown"
+            )
 
 
 def _full_delta(leaf: Leaf, site: LinearSite) -> torch.Tensor:

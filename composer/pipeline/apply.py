@@ -6,7 +6,9 @@ a failure during the swaps rolls back the ones already made.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,9 +20,9 @@ from adapter_composer.pipeline.validate import Analysis
 from adapter_composer.registry import Registry
 from adapter_composer.runtime import CONTAINER_ATTR, Container, SharedRef, SiteBuild
 from adapter_composer.runtime.linear import Leaf as LinearLeaf
-from adapter_composer.runtime.model import ModelHook, SegmentLeaf, SegmentSite
+from adapter_composer.runtime.model import GENERATING, ROUTE, ModelHook, SegmentLeaf, SegmentSite
 from adapter_composer.runtime.module import ModuleLeaf
-from adapter_composer.runtime.state import CallState
+from adapter_composer.runtime.state import CallScope
 from adapter_composer.runtime.sublayer import SublayerLeaf
 from adapter_composer.sites import SiteInfo
 
@@ -33,7 +35,7 @@ class NodeContext:
     path: str
     family: str
     present: tuple[int, ...]
-    state: CallState
+    state: CallScope  # the composition's per-call state: ``state.current()`` during a call
     info: SiteInfo | None = None
 
 
@@ -115,7 +117,7 @@ def build_node(
     rt: Runtime,
     prog: Program,
     sp: SitePlan,
-    state: CallState,
+    state: CallScope,
     info: SiteInfo | None,
 ) -> nn.Module:
     if isinstance(prog, Leaf):
@@ -139,7 +141,7 @@ def build_node(
     return built
 
 
-def build_runtime(analysis: Analysis, plan: Plan, state: CallState) -> Runtime:
+def build_runtime(analysis: Analysis, plan: Plan, state: CallScope) -> Runtime:
     rt = Runtime()
     for name in analysis.sites:
         build_adapter(analysis, name, rt)
@@ -177,12 +179,17 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), attr
 
 
-def _capture_block_input(state: CallState, layer: int):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.get("hidden_states")
-        state.block_inputs[layer] = x
+class BlockInput:
+    """Forward pre-hook on a layer: records the layer's input in the call's state (per-layer routers)."""
 
-    return hook
+    def __init__(self, scope: CallScope, layer: int):
+        self.scope = scope
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        state = self.scope.current()
+        if state is not None:
+            state.block_inputs[self.layer] = args[0] if args else kwargs.get("hidden_states")
 
 
 def block_layers(rt: Runtime) -> set[int]:
@@ -191,7 +198,7 @@ def block_layers(rt: Runtime) -> set[int]:
 
 
 def patch_model(
-    model: nn.Module, rt: Runtime, state: CallState, plan: Plan, geometry: object = None, block_paths: dict[int, str] | None = None
+    model: nn.Module, rt: Runtime, state: CallScope, plan: Plan, geometry: object = None, block_paths: dict[int, str] | None = None
 ) -> Patch:
     """Freeze the base, swap the site modules in, install the forward hook; return how to undo it."""
     patch = Patch()
@@ -214,7 +221,7 @@ def patch_model(
                 patch.hooks.append(source.register_forward_pre_hook(site.capture, with_kwargs=True))
         for layer, path in (block_paths or {}).items():
             block = model.get_submodule(path)
-            patch.hooks.append(block.register_forward_pre_hook(_capture_block_input(state, layer), with_kwargs=True))
+            patch.hooks.append(block.register_forward_pre_hook(BlockInput(state, layer), with_kwargs=True))
         route_keys = frozenset(k for sp in plan.sites for node in _opnodes(sp.program) if node.keys for k in node.keys)
         hook = ModelHook(
             model,
@@ -225,9 +232,14 @@ def patch_model(
             route_keys,
         )
         patch.hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+        patch.hooks.append(model.register_forward_hook(hook.after, with_kwargs=True))
+        encoder = model.get_encoder() if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else None
+        if isinstance(encoder, nn.Module) and encoder is not model:  # generate() calls it on its own
+            patch.hooks.append(encoder.register_forward_pre_hook(hook.encoder_before, with_kwargs=True))
+            patch.hooks.append(encoder.register_forward_hook(hook.encoder_after, with_kwargs=True))
         patch.model_hook = hook
         if route_keys and callable(getattr(model, "generate", None)) and "generate" not in vars(model):
-            model.generate = _generate_with_route(model.generate)  # accepts route=..., see below
+            model.generate = RoutedGenerate(model.generate)  # accepts route=..., see below
             patch.added_attrs.append((model, "generate"))
         if not rt.container.is_empty():
             if hasattr(model, CONTAINER_ATTR):
@@ -242,24 +254,29 @@ def patch_model(
     return patch
 
 
-def _generate_with_route(generate):
+class RoutedGenerate:
     """``model.generate(..., route=keys)``: transformers validates generate's keyword
-    arguments, so the keys travel in the routing context instead."""
-    import functools
+    arguments, so the keys travel in the routing context instead. Inside ``generate`` the
+    rows it repeats for beams or returned sequences (``repeat_interleave`` by
+    max(num_beams, num_return_sequences)) get their row's key, with ``route=`` or with
+    ``composed.routing(keys)`` around the call, as PEFT expands ``adapter_names``.
 
-    from adapter_composer.runtime.model import ROUTE
+    An object holding the bound ``generate``, not a closure, so that a deep copy of the
+    model calls its own ``generate``."""
 
-    @functools.wraps(generate)
-    def wrapper(*args, route=None, **kwargs):
-        if route is None:
-            return generate(*args, **kwargs)
-        token = ROUTE.set(tuple(route) if isinstance(route, list | tuple) else route)  # the hook checks it
+    def __init__(self, generate: Any):
+        self.generate = generate
+        functools.update_wrapper(self, generate)
+
+    def __call__(self, *args: Any, route: Any = None, **kwargs: Any) -> Any:
+        generating = GENERATING.set(True)
+        token = None if route is None else ROUTE.set(tuple(route) if isinstance(route, list | tuple) else route)  # the hook checks it
         try:
-            return generate(*args, **kwargs)
+            return self.generate(*args, **kwargs)
         finally:
-            ROUTE.reset(token)
-
-    return wrapper
+            if token is not None:
+                ROUTE.reset(token)
+            GENERATING.reset(generating)
 
 
 def _opnodes(prog: Program):
@@ -280,6 +297,8 @@ def undo_patch(patch: Patch) -> None:
         setattr(parent, attr, original)
     for handle in patch.hooks:
         handle.remove()
+    if patch.model_hook is not None:
+        patch.model_hook.release()
     for obj, name in patch.added_attrs:
         if hasattr(obj, name):
             delattr(obj, name)
@@ -288,4 +307,4 @@ def undo_patch(patch: Patch) -> None:
     patch.undone = True
 
 
-__all__ = ["NodeContext", "Patch", "Runtime", "build_runtime", "patch_model", "undo_patch"]
+__all__ = ["BlockInput", "NodeContext", "Patch", "RoutedGenerate", "Runtime", "build_runtime", "patch_model", "undo_patch"]

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from .state import CallState
+from .state import CallScope, CallState
 
 
 @dataclass(frozen=True, eq=False)
@@ -18,7 +18,7 @@ class SiteBuild:
     family: str
     plan: Any  # adapter_composer.pipeline.plan.SitePlan
     program: nn.Module  # the compiled runtime tree of ops and operators
-    state: CallState
+    state: CallScope  # give it to the built site as ``site.state``; ``state.current()`` is the call's CallState
     kinds: frozenset[str]
     info: Any = None  # a adapter_composer.sites.SiteInfo of the site (shapes, role, layer)
 
@@ -60,4 +60,4 @@ class Container(nn.Module):
 
 CONTAINER_ATTR = "adapter_composer"
 
-__all__ = ["CONTAINER_ATTR", "CallState", "Container", "SharedRef", "SiteBuild"]
+__all__ = ["CONTAINER_ATTR", "CallScope", "CallState", "Container", "SharedRef", "SiteBuild"]

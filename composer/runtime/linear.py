@@ -42,7 +42,7 @@ from torch import nn
 
 from adapter_composer.sites import SiteInfo, linear_weight
 
-from .state import CallState
+from .state import CallScope, CallState
 from .switch import adapters_off
 
 
@@ -159,20 +159,34 @@ class SiteView:
 
     @property
     def state(self) -> CallState | None:
-        return self._site.state
+        """The state of the call in progress (routing keys, gates)."""
+        if self._call is not None:
+            return self._call.state
+        scope = self._site.state
+        return None if scope is None else scope.current()
 
 
 class LinearCall:
-    """Per-forward scratch of one linear site (its input, and the base output once computed)."""
+    """Per-forward scratch of one linear site (its input, and the base output once computed).
 
-    __slots__ = ("site", "x", "y", "_y_nobias", "state")
+    ``state`` is the state of the call in progress; ``rows`` the rows of the call's batch this
+    scratch covers (None: all; set by :meth:`narrow` when an operator splits the batch)."""
 
-    def __init__(self, site: LinearSite, x: torch.Tensor):
+    __slots__ = ("site", "x", "y", "_y_nobias", "state", "rows")
+
+    def __init__(self, site: LinearSite, x: torch.Tensor | None, state: CallState | None = None, rows: torch.Tensor | None = None):
         self.site = site
         self.x = x
         self.y: torch.Tensor | None = None
         self._y_nobias: torch.Tensor | None = None
-        self.state = site.state
+        self.rows = rows
+        if state is None and site.state is not None:
+            state = site.state.current()
+        self.state = state
+
+    def narrow(self, rows: torch.Tensor) -> LinearCall:
+        """The scratch of the sub-batch ``rows`` (of this scratch's rows), same call state."""
+        return LinearCall(self.site, None, self.state, rows if self.rows is None else self.rows.index_select(0, rows))
 
     def y_nobias(self) -> torch.Tensor:
         if self._y_nobias is None:
@@ -247,7 +261,7 @@ class LinearSite(nn.Module):
         self.has_scale_in = has_scale_in
         self.merged = False
         self.active = True
-        self.state: CallState | None = None
+        self.state: CallScope | None = None  # the composition's; state.current() is the call's CallState
         self._originals: tuple[torch.Tensor, torch.Tensor | None] | None = None
         for leaf in self.leaves():
             object.__setattr__(leaf, "site", self)  # a back-reference, not a submodule

@@ -1,5 +1,6 @@
 """Model-level sites: virtual tokens prepended to the input (prompt) or to every layer's keys and
-values (prefix), and the top-level forward hook that injects them and the per-call state.
+values (prefix), and the top-level forward hooks that inject them and begin each call's state
+(:mod:`adapter_composer.runtime.state`).
 
 Both families work on *segments*: ``values`` [B, n, ...] with a ``valid`` mask [B, n]. A
 stack concatenates its children's segments in order (``[P_a; P_b; x]``); a route picks one
@@ -20,7 +21,7 @@ is kept and the prefix is computed once.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +31,13 @@ from torch import nn
 from adapter_composer.errors import RoutingError
 from adapter_composer.sites import SiteInfo
 
-from .state import CallState
+from .state import CallScope, CallState, StatefulCheckpoint
 from .switch import adapters_off
 
 VIRTUAL = "_adapter_composer_virtual"  # attribute set on caches that hold virtual positions
-ROUTE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("adapter_composer_route", default=None)
+ROUTE: contextvars.ContextVar[tuple | str | None] = contextvars.ContextVar("adapter_composer_route", default=None)
+GENERATING: contextvars.ContextVar[bool] = contextvars.ContextVar("adapter_composer_generating", default=False)
+CACHE_FIELDS = ("cache", "past_key_values")  # the KV cache's name in model outputs (transformers 5.24 / before)
 
 
 @dataclass
@@ -118,6 +121,22 @@ def _batch_size(kwargs: dict) -> int:
     raise RoutingError("the forward call has neither input_ids nor inputs_embeds")
 
 
+def _positional_index(model: nn.Module, name: str) -> int | None:
+    """Where ``name`` sits among the forward's positional parameters (None: keyword only)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for i, p in enumerate(params):
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return None
+        if p.name == name:
+            return i
+    return None
+
+
 def _cache_keyword(model: nn.Module) -> str:
     """The forward keyword of the KV cache: ``cache`` from transformers 5.24, ``past_key_values`` before."""
     import inspect
@@ -133,34 +152,59 @@ def _checkpointing(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
+def _returned_cache(output: Any) -> Any:
+    if isinstance(output, Mapping):
+        for name in CACHE_FIELDS:
+            value = output.get(name)
+            if value is not None:
+                return value
+    return None
+
+
+def _without(output: Any, cache: Any) -> Any:
+    """``output`` without the KV cache ``cache`` (a model output, or a tuple holding it)."""
+    if isinstance(output, Mapping) and hasattr(output, "to_tuple"):
+        fields = {k: v for k, v in output.items() if v is not cache}
+        return type(output)(**fields)
+    if isinstance(output, tuple):
+        return tuple(item for item in output if item is not cache)
+    return output
+
+
 def _prepend(t: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else torch.cat([block.to(t.dtype), t], dim=1)
 
 
 class ModelHook:
-    """Top-level forward pre-hook: consumes ``route=``, injects prompts and prefixes."""
+    """Top-level forward hooks: consume ``route=``, begin the call's state, inject prompts and
+    prefixes (pre-hook, ``__call__``); hand the call's keys and gates to the KV cache it
+    returns, and drop a cache the caller did not ask for (post-hook, :meth:`after`)."""
 
     def __init__(
         self,
         model: nn.Module,
-        state: CallState,
+        scope: CallScope,
         prompt: SegmentSite | None,
         prefix: SegmentSite | None,
         geometry: Any,
         route_keys: frozenset[str],
     ):
         self.model = model
-        self.state = state
+        self.scope = scope
         self.prompt = prompt
         self.prefix = prefix
         self.geometry = geometry
         self.route_keys = route_keys
         self.cache_key = _cache_keyword(model)
+        self.mask_index = _positional_index(model, "attention_mask")
+        # an encoder-decoder's attention_mask is the encoder's: not the tokens its decoder sites see
+        self.masks_tokens = not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        self.composed: Any = None  # the Composed handle (set by it; adapter_composer.Composed.of)
+        self.checkpointable = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
 
     # --- routing ------------------------------------------------------------------------
 
-    def _route(self, given: Any, batch: int) -> tuple[str | None, ...] | None:
-        keys = given if given is not None else ROUTE.get()
+    def _route(self, keys: Any, batch: int) -> tuple[str | None, ...] | None:
         if keys is None:
             return None
         if not self.route_keys:
@@ -170,6 +214,10 @@ class ModelHook:
         if not isinstance(keys, list | tuple):
             raise RoutingError(f"route= takes a key or a list of keys (one per row), not {type(keys).__name__}")
         keys = tuple(None if k is None else str(k) for k in keys)
+        if len(keys) != batch and keys and GENERATING.get() and batch % len(keys) == 0:
+            # generate() repeats each row for its beams / returned sequences (repeat_interleave)
+            factor = batch // len(keys)
+            keys = tuple(k for k in keys for _ in range(factor))
         if len(keys) != batch:
             raise RoutingError(f"route= has {len(keys)} keys for a batch of {batch} rows")
         unknown = sorted({k for k in keys if k is not None and k not in self.route_keys})
@@ -177,30 +225,102 @@ class ModelHook:
             raise RoutingError(f"unknown route keys {unknown}; this composition routes {sorted(self.route_keys)}")
         return keys
 
-    # --- the hook -----------------------------------------------------------------------
+    def _begin(self, given: Any, batch: int, cache: Any, past: int) -> CallState:
+        """The call's state: keys given to the call, else those its KV cache carries, else the
+        routing context's; per-sequence gates carried by the cache when it continues one."""
+        carried = self.scope.carried(cache) if past > 0 else None
+        if given is None:
+            given = carried.route if carried is not None else ROUTE.get()
+        state = self.scope.begin(self._route(given, batch), past > 0, carried)
+        if self.model.training and torch.is_grad_enabled():
+            self._checkpoint_in_state()
+        return state
+
+    def _checkpoint_in_state(self) -> None:
+        """Make checkpointed layers recompute in the state of the call that ran them."""
+        for module in self.checkpointable:
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if module.gradient_checkpointing and func is not None and not isinstance(func, StatefulCheckpoint):
+                module._gradient_checkpointing_func = StatefulCheckpoint(func, self.scope)
+
+    def release(self) -> None:
+        """Undo :meth:`_checkpoint_in_state` (when the composition is undone)."""
+        for module in self.checkpointable:
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if isinstance(func, StatefulCheckpoint) and func.scope is self.scope:
+                module._gradient_checkpointing_func = func.inner
+
+    # --- the hooks ----------------------------------------------------------------------
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         route = kwargs.pop("route", None)
         cache = kwargs.get(self.cache_key, kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        if (self.prompt is None and self.prefix is None) or adapters_off(self.state):
+        if (self.prompt is None and self.prefix is None) or adapters_off(self.scope):
             first = args[0] if args and isinstance(args[0], torch.Tensor) else None
             batch = int(first.shape[0]) if first is not None else _batch_size(kwargs)
-            self.state.begin(self._route(route, batch), continuing=past > 0)
+            state = self._begin(route, batch, cache, past)
+            state.running = "model"
+            mask = kwargs.get("attention_mask")
+            if mask is None and self.mask_index is not None and len(args) > self.mask_index:
+                mask = args[self.mask_index]
+            self._record_mask(state, mask)
             return args, kwargs
         if args:
             if len(args) > 1 or "input_ids" in kwargs:
                 raise TypeError("pass the model's inputs as keyword arguments (input_ids=..., attention_mask=...)")
             kwargs = {"input_ids": args[0], **kwargs}
         batch = _batch_size(kwargs)
-        self.state.begin(self._route(route, batch), continuing=past > 0)
+        state = self._begin(route, batch, cache, past)
+        state.running = "model"
         if past == 0:
-            self._first(kwargs, batch, cache)
+            self._first(kwargs, batch, cache, state)
         else:
             self._later(kwargs, cache, past)
+        self._record_mask(state, kwargs.get("attention_mask"))
         return (), kwargs
 
-    def _first(self, kwargs: dict, batch: int, cache: Any) -> None:
+    def _record_mask(self, state: CallState, mask: Any) -> None:
+        """Which tokens are real, for per-sequence pooling (a 2-D mask over past + current tokens)."""
+        if self.masks_tokens and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            state.attention_mask = mask
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        state = self.scope.current()
+        if state is None:
+            return None
+        state.running = None
+        if not torch.is_grad_enabled():  # no backward will recompute anything: free the memos
+            state.cache.clear()
+            state.block_inputs.clear()
+        if state.drop_cache is not None:
+            return _without(output, state.drop_cache)
+        cache = _returned_cache(output)
+        if cache is not None:
+            self.scope.carry(cache, state)
+        return None
+
+    def encoder_before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Pre-hook on an encoder-decoder's encoder: ``generate()`` runs the encoder on its own,
+        outside the model's forward, so such a run begins a call (keys from the routing
+        context, as ``generate(route=...)`` sets them); inside the model's forward it does nothing."""
+        current = self.scope.current()
+        if current is not None and current.running is not None:
+            return
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        batch = int(first.shape[0]) if first is not None else _batch_size(kwargs)
+        state = self._begin(None, batch, None, 0)
+        state.running = "encoder"
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:  # the encoder's own tokens
+            state.attention_mask = mask
+
+    def encoder_after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        current = self.scope.current()
+        if current is not None and current.running == "encoder":
+            current.running = None
+
+    def _first(self, kwargs: dict, batch: int, cache: Any, state: CallState) -> None:
         if self.prefix is not None and self.prefix.active and self.model.training and _checkpointing(self.model):
             from adapter_composer.errors import ComposerError
 
@@ -211,7 +331,7 @@ class ModelHook:
             )
         embed = self.model.get_input_embeddings()
         dtype, device = embed.weight.dtype, embed.weight.device
-        call = SegmentCall(batch, self.state, dtype, device)
+        call = SegmentCall(batch, state, dtype, device)
         prefix = self.prefix.segments(call) if self.prefix is not None else None
         prompt = self.prompt.segments(call) if self.prompt is not None else None
         if prefix is None and prompt is None:
@@ -236,9 +356,12 @@ class ModelHook:
             if kwargs.get("token_type_ids") is not None:
                 kwargs["token_type_ids"] = _prepend(kwargs["token_type_ids"], torch.zeros(batch, n, dtype=torch.long, device=device))
         if prefix is not None:
+            made = cache is None
             cache = self._fill_cache(cache, prefix)
             kwargs.pop("past_key_values", None)
             kwargs[self.cache_key] = cache
+            if made and not self._use_cache(kwargs):
+                state.drop_cache = cache  # the prefix needs a cache; the caller asked for none back
         mask = kwargs.get("attention_mask")
         real = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=device)
         kwargs["attention_mask"] = torch.cat([virtual_mask.to(real.dtype), real], dim=1)
@@ -249,6 +372,12 @@ class ModelHook:
             target = kwargs.get(self.cache_key, kwargs.get("past_key_values"))
             if target is not None:
                 setattr(target, VIRTUAL, virtual_mask)
+
+    def _use_cache(self, kwargs: dict) -> bool:
+        given = kwargs.get("use_cache")
+        if given is not None:
+            return bool(given)
+        return bool(getattr(getattr(self.model, "config", None), "use_cache", True))
 
     def _fill_cache(self, cache: Any, prefix: Segments) -> Any:
         from transformers import DynamicCache

@@ -25,7 +25,7 @@ from torch import nn
 from adapter_composer.errors import RoutingError
 from adapter_composer.sites import SiteInfo
 
-from .state import CallState
+from .state import CallScope
 from .switch import adapters_off
 
 
@@ -80,7 +80,7 @@ class ModuleCall:
         self.site = site
         self.args = args
         self.kwargs = kwargs
-        self.state = site.state
+        self.state = None if site.state is None else site.state.current()  # the call's CallState
         first = _first_tensor([args, kwargs])
         self.batch = None if first is None or first.dim() == 0 else int(first.shape[0])
         self.device = None if first is None else first.device
@@ -138,7 +138,7 @@ class ModuleSite(nn.Module):
         self.base = base
         self.program = program
         self.path = info.path
-        self.state: CallState | None = None
+        self.state: CallScope | None = None  # the composition's; state.current() is the call's CallState
         self.active = True
         self.merged = False
         self._originals: dict[str, torch.Tensor] | None = None

@@ -26,19 +26,28 @@ from torch import nn
 
 from adapter_composer.sites import SiteInfo
 
-from .state import CallState
+from .state import CallScope, CallState
 from .switch import adapters_off
 
 
 class SublayerCall:
-    """Per-forward scratch of a sublayer site: the sublayer input, the call state."""
+    """Per-forward scratch of a sublayer site: the sublayer input, the state of the call in
+    progress, and the rows of the call's batch it covers (None: all; see :meth:`narrow`)."""
 
-    __slots__ = ("x", "state", "site")
+    __slots__ = ("x", "state", "site", "rows")
 
-    def __init__(self, site: SublayerSite, x: torch.Tensor | None):
+    def __init__(self, site: SublayerSite, x: torch.Tensor | None, state: CallState | None = None, rows: torch.Tensor | None = None):
         self.site = site
         self.x = x
-        self.state = site.state
+        self.rows = rows
+        if state is None and site.state is not None:
+            state = site.state.current()
+        self.state = state
+
+    def narrow(self, rows: torch.Tensor) -> SublayerCall:
+        """The scratch of the sub-batch ``rows`` (of this scratch's rows), same call state."""
+        x = None if self.x is None else self.x.index_select(0, rows)
+        return SublayerCall(self.site, x, self.state, rows if self.rows is None else self.rows.index_select(0, rows))
 
 
 def residual_stack(children: Sequence[nn.Module], h: torch.Tensor, call: SublayerCall) -> torch.Tensor | None:
@@ -105,9 +114,9 @@ class SublayerSite(nn.Module):
         self.program = program
         self.path = info.path
         self.input_path = info.input_path or info.path
-        self.state: CallState | None = None
+        self.state: CallScope | None = None  # the composition's; state.current() is the call's CallState
         self.active = True
-        self._pending: torch.Tensor | None = None  # the sublayer input, from the input module's hook
+        self._pending: torch.Tensor | None = None  # the sublayer input when no call state is current
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapped module has (``weight``, ``layer_idx``, child modules) stay
@@ -125,20 +134,31 @@ class SublayerSite(nn.Module):
         return self.input_path == self.path
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook on the input module (when it is not this module)."""
-        self._pending = _first_arg(args, kwargs)
+        """Forward pre-hook on the input module (when it is not this module): the input is
+        kept in the call's state, so concurrent calls never read each other's."""
+        state = None if self.state is None else self.state.current()
+        x = _first_arg(args, kwargs)
+        if state is None:
+            self._pending = x
+        else:
+            state.cache[(id(self), "input")] = x
+
+    def _take_input(self, state: CallState | None) -> torch.Tensor | None:
+        if state is None:
+            x, self._pending = self._pending, None
+            return x
+        return state.cache.pop((id(self), "input"), None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base(*args, **kwargs)
+        state = None if self.state is None else self.state.current()
         if not self.active or adapters_off(self.state):
-            self._pending = None
+            if not self.own_input:
+                self._take_input(state)
             return out
-        if self.own_input:
-            x = _first_arg(args, kwargs)
-        else:
-            x, self._pending = self._pending, None
+        x = _first_arg(args, kwargs) if self.own_input else self._take_input(state)
         h = out[0] if isinstance(out, tuple) else out
-        r = self.program.sublayer_residual(h, SublayerCall(self, x))
+        r = self.program.sublayer_residual(h, SublayerCall(self, x, state))
         if r is None:
             return out
         h = h + r

@@ -96,3 +96,16 @@ def test_bad_merge_requests(registry):
         composed.merge_sum("s", "average")
     with pytest.raises(ComposerError, match="needs rank"):
         composed.merge_sum("s", "svd")
+
+
+@pytest.mark.parametrize("targets, why", [(["attn.v"], "scales the layer's output"), (["mlp.down"], "scales the layer's input")])
+def test_a_sum_holding_a_scale_is_refused_naming_the_adapter(registry, targets, why):
+    model = tiny_llama()
+    g = Graph()
+    g.adapter("a", "lora", r=4, targets=["attn.v", "mlp.down"])
+    g.adapter("i", "ia3", targets=targets)  # mlp.down is a feed-forward site: its input is scaled
+    g.sum("a", "i", weights=[0.5, 0.5], name="s")
+    composed = ac.compose(model, g, registry=registry)
+    for strategy in ("linear", "svd"):
+        with pytest.raises(ComposerError, match=rf"adapter 'i' \(ia3\) at .*: it {why}.*not an additive weight update"):
+            composed.merge_sum("s", strategy, rank=2)

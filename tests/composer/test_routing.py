@@ -173,18 +173,12 @@ def test_sequence_gates_are_kept_through_generate(registry):
         torch.nn.init.normal_(node.router.weight, std=0.5)
     ids = inputs(batch=1, length=6)["input_ids"]
     recorded = []
-    with composed.record_gates():
-        original = composed.state.begin
-
-        def spy(route, continuing=False):
-            if composed.state.gates:
-                recorded.append(composed.state.gates["experts@layers.0.attn.q"].clone())
-            original(route, continuing)
-
-        composed.state.begin = spy
+    with composed.record_gates() as gates:
+        # after every forward call of generate(): the gates that call used
+        handle = model.register_forward_hook(lambda m, a, o: recorded.append(gates["experts@layers.0.attn.q"].clone()))
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
-        composed.state.begin = original
-    assert len(recorded) >= 2 and all(torch.equal(r, recorded[0]) for r in recorded)
+        handle.remove()
+    assert len(recorded) == 3 and all(torch.equal(r, recorded[0]) for r in recorded)
     assert recorded[0].shape == (1, 1, 3)
 
 
