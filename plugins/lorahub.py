@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from adapter_composer.errors import ComposerError
-from adapter_composer.plugins.param_mix import ParamMixer
+from adapter_composer.plugins.param_mix import ParamMixer, register_parameter_mix_rules
 from adapter_composer.registry import Diagnostic, hookimpl
 from adapter_composer.runtime import CONTAINER_ATTR
 from adapter_composer.runtime.linear import NF, Fold
@@ -243,20 +243,4 @@ def register_operators(register):
 
 @hookimpl
 def register_rules(register):
-    for outer in ("route", "stack", "sum"):
-        register.nesting(outer, "lorahub", allowed=True, reason="a composed expert is one delta")
-    for inner in ("stack", "sum", "mix", "route", "lorahub"):
-        register.nesting("lorahub", inner, allowed=False, reason="lorahub mixes its experts' parameters, so each expert is one adapter")
-    for kind in ("linear.scale_out", "linear.scale_in"):
-        register.refuse(
-            kind=kind,
-            operator="lorahub",
-            reason="lorahub mixes the parameters of delta adapters (Δ(x) added to W x), not of scale vectors",
-            fix="use LoRA experts",
-        )
-    register.refuse(
-        method="loftq",
-        operator="lorahub",
-        reason="a mixture of adapters' parameters would still run on LoftQ's quantised base, which replaces W unweighted",
-        fix="declare the LoftQ adapter at the top level of the graph",
-    )
+    register_parameter_mix_rules(register, "lorahub", "expert")

@@ -42,7 +42,11 @@ __all__ = ["ParamMixer"]
 def _settings(op: nn.Module) -> dict[str, Any]:
     """The plain hyper-parameters a method module keeps as attributes (e.g. LoRA's scale)."""
     plain = (int, float, str, bool, tuple)
-    return {k: v for k, v in vars(op).items() if not k.startswith("_") and k != "training" and isinstance(v, plain)}
+    return {
+        k: v
+        for k, v in vars(op).items()
+        if not k.startswith("_") and k != "training" and isinstance(v, plain)
+    }
 
 
 class _Shadow(nn.Module):
@@ -94,12 +98,16 @@ class ParamMixer:
             elif {n: p.shape for n, p in leaf.op.named_parameters()} != shapes:
                 found.append(f"{who}: parameter shapes differ at {ref.key}")
             elif _settings(leaf.op) != _settings(ref.op):
-                found.append(f"{who}: settings differ at {ref.key} ({_settings(leaf.op)} vs {_settings(ref.op)})")
+                found.append(
+                    f"{who}: settings differ at {ref.key} ({_settings(leaf.op)} vs {_settings(ref.op)})"
+                )
             elif leaf.out_slice != ref.out_slice:
                 found.append(f"{who}: they act on different parts of {ref.key}")
             else:
                 mine, theirs = dict(leaf.op.named_buffers()), dict(ref.op.named_buffers())
-                if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
+                if mine.keys() != theirs.keys() or any(
+                    not torch.equal(mine[k], theirs[k]) for k in mine
+                ):
                     found.append(f"{who}: buffers differ at {ref.key}")
         return found
 
@@ -131,7 +139,9 @@ class ParamMixer:
                 f"({self.leaves[0].adapter!r}) has none now (DoRA, dropout while training, or another method)"
             )
         if weights.dim() == 3:  # one mixture per row
-            rows = [self._generic(x[i : i + 1], call, weights[i].reshape(-1)) for i in range(x.shape[0])]
+            rows = [
+                self._generic(x[i : i + 1], call, weights[i].reshape(-1)) for i in range(x.shape[0])
+            ]
             return torch.cat(rows, 0)
         return self._generic(x, call, weights.reshape(-1))
 
@@ -142,7 +152,9 @@ class ParamMixer:
             a, b = self._mixed_factors(parts, weights.to(parts[0][0].dtype))
             return (b @ a) * parts[0][2]
         if weights.dim() == 2 and weights.shape[0] > 1:
-            raise ComposerError(f"{self.operator} node {self.node!r}: splitting into heads needs LoRA factors")
+            raise ComposerError(
+                f"{self.operator} node {self.node!r}: splitting into heads needs LoRA factors"
+            )
         view = SiteView(site, self.out_slice, None)
         dw = self._call(weights.reshape(-1), "fold", view)
         if self.out_slice is not None:
@@ -194,8 +206,38 @@ class ParamMixer:
         params = {}
         for name in self.names:
             tensors = [dict(leaf.op.named_parameters())[name] for leaf in self.leaves]
-            params[f"op.{name}"] = sum(wi * t for wi, t in zip(w.to(tensors[0].dtype), tensors, strict=True))
+            params[f"op.{name}"] = sum(
+                wi * t for wi, t in zip(w.to(tensors[0].dtype), tensors, strict=True)
+            )
         params.update({f"op.{k}": v for k, v in self.leaves[0].op.named_buffers()})
         with self._lock:
             self._shadow.train(self.leaves[0].op.training)
             return torch.func.functional_call(self._shadow, params, (mode, *args), strict=True)
+
+
+def register_parameter_mix_rules(register: Any, operator: str, unit: str) -> None:
+    """The nesting and refusal rules every parameter-space mixing operator shares: it may sit
+    under route/stack/sum (its result is one delta), holds plain adapters only, and mixes delta
+    adapters, never scale vectors or LoftQ's quantised base. ``unit`` names its children."""
+    for outer in ("route", "stack", "sum"):
+        register.nesting(outer, operator, allowed=True, reason=f"a mixture of {unit}s is one delta")
+    for inner in ("stack", "sum", "mix", "route", operator):
+        register.nesting(
+            operator,
+            inner,
+            allowed=False,
+            reason=f"{operator} mixes its {unit}s' parameters, so each {unit} is one adapter",
+        )
+    for kind in ("linear.scale_out", "linear.scale_in"):
+        register.refuse(
+            kind=kind,
+            operator=operator,
+            reason=f"{operator} mixes the parameters of delta adapters (Δ(x) added to W x), not of scale vectors",
+            fix=f"use LoRA {unit}s",
+        )
+    register.refuse(
+        method="loftq",
+        operator=operator,
+        reason="a mixture of adapters' parameters would still run on LoftQ's quantised base, which replaces W unweighted",
+        fix="declare the LoftQ adapter at the top level of the graph",
+    )

@@ -34,7 +34,7 @@ from torch import nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from adapter_composer.errors import ComposerError
-from adapter_composer.plugins.param_mix import ParamMixer
+from adapter_composer.plugins.param_mix import ParamMixer, register_parameter_mix_rules
 from adapter_composer.registry import Diagnostic, hookimpl
 from adapter_composer.runtime.linear import NF, Fold
 
@@ -223,20 +223,4 @@ def register_operators(register):
 
 @hookimpl
 def register_rules(register):
-    for outer in ("route", "stack", "sum"):
-        register.nesting(outer, "poly", allowed=True, reason="a task's mixture of skills is one delta")
-    for inner in ("stack", "sum", "mix", "route", "poly"):
-        register.nesting("poly", inner, allowed=False, reason="poly mixes its skills' parameters, so each skill is one adapter")
-    for kind in ("linear.scale_out", "linear.scale_in"):
-        register.refuse(
-            kind=kind,
-            operator="poly",
-            reason="poly mixes the parameters of delta adapters (Δ(x) added to W x), not of scale vectors",
-            fix="use LoRA skills",
-        )
-    register.refuse(
-        method="loftq",
-        operator="poly",
-        reason="a mixture of adapters' parameters would still run on LoftQ's quantised base, which replaces W unweighted",
-        fix="declare the LoftQ adapter at the top level of the graph",
-    )
+    register_parameter_mix_rules(register, "poly", "skill")
