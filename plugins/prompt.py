@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from adapter_composer.formats.peft import peft_int
+from adapter_composer.formats.peft_options import peft_task_type
 from adapter_composer.registry import Capabilities, hookimpl
 
 PEFT_TENSOR = "prompt_embeddings"
@@ -155,21 +156,6 @@ def build(config: PromptConfig, site: Any) -> nn.Module:
 # --- PEFT format ----------------------------------------------------------------------
 
 
-def peft_task_type(model: nn.Module) -> str:
-    """PEFT's ``task_type`` for a transformers model class (decides PeftModel's subclass)."""
-    name = type(model).__name__
-    for suffix, task in (
-        ("ForCausalLM", "CAUSAL_LM"),
-        ("LMHeadModel", "CAUSAL_LM"),
-        ("ForSequenceClassification", "SEQ_CLS"),
-        ("ForTokenClassification", "TOKEN_CLS"),
-        ("ForQuestionAnswering", "QUESTION_ANS"),
-    ):
-        if name.endswith(suffix):
-            return task
-    return "FEATURE_EXTRACTION"
-
-
 def peft_model_fields(model: nn.Module) -> dict[str, Any]:
     """The model-shape fields PEFT stores in a prompt-learning config."""
     cfg = model.config
@@ -180,7 +166,7 @@ def peft_model_fields(model: nn.Module) -> dict[str, Any]:
         (getattr(cfg, a) for a in ("num_attention_heads", "n_head") if hasattr(cfg, a)), None
     )
     return {
-        "task_type": peft_task_type(model),
+        "task_type": peft_task_type(model) or "FEATURE_EXTRACTION",
         "num_layers": layers,
         "num_attention_heads": heads,
         "num_transformer_submodules": 1,
