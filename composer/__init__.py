@@ -21,6 +21,7 @@ from adapter_composer.api import compose, from_peft, from_pretrained, load, plan
 from adapter_composer.errors import (
     AdapterBuildError,
     AdapterFileError,
+    ArgumentError,
     ComposerError,
     CompositionError,
     HotSwapError,
@@ -32,6 +33,7 @@ from adapter_composer.errors import (
     SaveConflictError,
     UnknownAdapterError,
     UnknownNodeError,
+    UnknownSiteError,
     UnsafePathError,
     WeightsError,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "AdapterFileError",
     "AdapterHandle",
     "AdapterSpec",
+    "ArgumentError",
     "Composed",
     "ComposerError",
     "CompositionError",
@@ -69,6 +72,7 @@ __all__ = [
     "SiteInfo",
     "UnknownAdapterError",
     "UnknownNodeError",
+    "UnknownSiteError",
     "UnsafePathError",
     "WeightsError",
     "__version__",

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from adapter_composer.errors import AdapterFileError, CompositionError
+from adapter_composer.errors import AdapterFileError, ArgumentError, CompositionError
 from adapter_composer.formats.composition import read_composition
 from adapter_composer.formats.peft import read_peft
 from adapter_composer.live.composed import Composed
@@ -87,7 +87,7 @@ def from_pretrained(
     """
     if isinstance(model, nn.Module):
         if kwargs:
-            raise TypeError(f"from_pretrained(model, directory) takes no model options, got {sorted(kwargs)}")
+            raise ArgumentError(f"from_pretrained(model, directory) takes no model options, got {sorted(kwargs)}")
         return load(model, directory, registry=registry)
     directory = Path(directory)
     if not (directory / SUBDIR / "composition.json").is_file():

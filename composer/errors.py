@@ -8,10 +8,12 @@ a ``KeyError``, a bad value a ``ValueError``), so existing ``except`` clauses ke
     ├── RegistryError                      a registry cannot be built or queried (unknown method)
     │   └── PluginError                    a plugin is broken: import, hook contract, registered data
     │       └── PluginContractError        a plugin's modules break the runtime contract (found when composing)
+    ├── ArgumentError (TypeError)          an argument of the wrong kind (a string where a model goes, ...)
     ├── CompositionError (ValueError)      a graph cannot be applied; carries every Diagnostic
     ├── AdapterBuildError (ValueError)     a method's build() failed for a site (names method, plugin, site)
     ├── UnknownNodeError (KeyError)        no node of that name in the graph
     │   └── UnknownAdapterError            no adapter of that name in the composition
+    ├── UnknownSiteError (KeyError)        no site at that path in a plan
     ├── AdapterFileError (ValueError)      a directory is missing, corrupted, unsafe or does not fit the model
     │   ├── UnsafePathError                a file reference that leaves the directory
     │   └── SaveConflictError              another save to the same directory is in progress
@@ -53,6 +55,18 @@ class CompositionError(ComposerError, ValueError):
 class AdapterBuildError(ComposerError, ValueError):
     """A method's ``build`` (or ``shared``) raised for one site; the message names the adapter,
     the method, the plugin and the site, and the original error is chained."""
+
+
+class ArgumentError(ComposerError, TypeError):
+    """A call got an argument of the wrong kind (a string where a model goes, positional model
+    inputs, options a function does not take). A ``TypeError`` too."""
+
+
+class UnknownSiteError(ComposerError, KeyError):
+    """No site at that path in a plan. A ``KeyError`` too, with a readable message."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class UnknownNodeError(ComposerError, KeyError):
@@ -97,6 +111,7 @@ class RoutingError(ComposerError, ValueError):
 
 __all__ = [
     "AdapterBuildError",
+    "ArgumentError",
     "AdapterFileError",
     "ComposerError",
     "CompositionError",
@@ -109,6 +124,7 @@ __all__ = [
     "SaveConflictError",
     "UnknownAdapterError",
     "UnknownNodeError",
+    "UnknownSiteError",
     "UnsafePathError",
     "WeightsError",
 ]

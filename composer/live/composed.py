@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapter_composer.errors import ComposerError, CompositionError, RoutingError
+from adapter_composer.errors import ArgumentError, ComposerError, CompositionError, RoutingError
 from adapter_composer.formats.composition import fingerprint
 from adapter_composer.live.handles import AdapterHandle, ParameterReport
 from adapter_composer.pipeline.apply import (
@@ -76,9 +76,15 @@ class Composed:
     def create(cls, model: nn.Module, graph: Graph, *, registry: Registry | None = None) -> Composed:
         """Validate, plan and apply ``graph`` to ``model``; see :func:`adapter_composer.compose`."""
         if not isinstance(model, nn.Module):
-            raise TypeError(f"compose() needs a torch nn.Module, got {type(model).__name__}")
+            raise ArgumentError(
+                f"compose() needs a torch nn.Module (a transformers model), got {type(model).__name__}; "
+                "load the model first, e.g. AutoModelForCausalLM.from_pretrained(path)"
+            )
         if not isinstance(graph, Graph):
-            raise TypeError(f"compose() needs an adapter_composer.Graph, got {type(graph).__name__}")
+            raise ArgumentError(
+                f"compose() needs an adapter_composer.Graph, got {type(graph).__name__}; "
+                "build one with ac.Graph() (or ac.Graph.from_json(text) for a saved graph)"
+            )
         if _already_composed(model):
             raise ComposerError("this model already has a composition applied; call undo() on it first")
         from adapter_composer.live.hf import install, peft_diagnostic

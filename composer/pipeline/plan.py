@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from adapter_composer.errors import UnknownSiteError
 from adapter_composer.pipeline.graph import AdapterSpec, Graph, OperatorSpec
 from adapter_composer.sites import SiteInfo, is_linear, linear_shape
 
@@ -153,7 +154,7 @@ class Plan:
         for s in self.sites:
             if s.path == path and (family is None or s.family == family):
                 return s
-        raise KeyError(f"no site at {path!r} in this plan")
+        raise UnknownSiteError(f"no site at {path!r} in this plan; its sites: {sorted({s.path for s in self.sites})[:8]}")
 
     def explain(self) -> str:
         """A table of sites × ops, then the adapters."""

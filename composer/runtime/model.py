@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapter_composer.errors import RoutingError
+from adapter_composer.errors import ArgumentError, RoutingError
 from adapter_composer.sites import SiteInfo
 
 from .state import CallScope, CallState, StatefulCheckpoint
@@ -268,7 +268,7 @@ class ModelHook:
             return args, kwargs
         if args:
             if len(args) > 1 or "input_ids" in kwargs:
-                raise TypeError("pass the model's inputs as keyword arguments (input_ids=..., attention_mask=...)")
+                raise ArgumentError("pass the model's inputs as keyword arguments (input_ids=..., attention_mask=...)")
             kwargs = {"input_ids": args[0], **kwargs}
         batch = _batch_size(kwargs)
         state = self._begin(route, batch, cache, past)

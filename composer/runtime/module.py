@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapter_composer.errors import RoutingError
+from adapter_composer.errors import ComposerError, RoutingError
 from adapter_composer.sites import SiteInfo
 
 from .state import CallScope
@@ -167,7 +167,10 @@ class ModuleSite(nn.Module):
         if self.merged:
             return
         if not isinstance(self.program, ModuleLeaf):
-            raise TypeError(f"module site {self.path!r} holds more than one copy; only a single copy merges")
+            raise ComposerError(
+                f"module site {self.path!r} holds more than one copy (under a route or sum); only a single copy "
+                "merges: merge the other adapters and keep the copies unmerged, or compose one copy"
+            )
         self._originals = {k: v.detach().clone() for k, v in self.base.state_dict().items()}
         targets = self.base.state_dict(keep_vars=True)
         for k, v in self.program.op.state_dict().items():

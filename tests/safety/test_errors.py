@@ -85,3 +85,22 @@ def test_hierarchy_is_listed_in_the_readme():
     safety = readme.split("## Safety", 1)[1].split("\n## ", 1)[0]
     for name in ("ComposerError", "AdapterFileError", "UnsafePathError", "SaveConflictError", "PluginContractError", "UnknownAdapterError"):
         assert name in safety
+
+
+def test_arguments_of_the_wrong_kind_are_argument_errors_saying_what_to_pass():
+    g = ac.Graph()
+    g.adapter("a", "lora", r=2, targets=["attn.q"])
+    with pytest.raises(errors.ArgumentError, match="needs a torch nn.Module.*got str"):
+        ac.compose("meta-llama/Llama-3-8B", g)
+    with pytest.raises(errors.ArgumentError, match="needs an adapter_composer.Graph.*ac.Graph"):
+        ac.compose(tiny_llama(), {"a": "lora"})
+    composed = ac.compose(tiny_llama(), g)
+    with pytest.raises(errors.UnknownSiteError, match="no site at 'nope'.*its sites: \\['model.layers.0"):
+        composed.plan.site("nope")
+    prompts = ac.Graph()
+    prompts.adapter("p", "prompt_tuning", num_virtual_tokens=2)
+    prompted = ac.compose(tiny_llama(), prompts)
+    ids = inputs()["input_ids"]
+    with pytest.raises(TypeError, match="keyword arguments"):  # an ArgumentError is a TypeError too
+        prompted.model(ids, torch.ones_like(ids))
+
