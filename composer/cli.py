@@ -109,6 +109,8 @@ def cmd_experiment_run(args) -> int:
 
     try:
         spec = ExperimentSpec.from_file(args.spec)
+        if args.data:
+            spec = spec.model_copy(update={"data_dir": str(Path(args.data).resolve())})
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
         only = [s for s in args.only.split(",") if s] if args.only else None
         summary = run_experiment(spec, args.out, seeds=seeds, only=only, plots=False if args.no_plots else None)
@@ -149,6 +151,7 @@ def _experiment_parser(sub) -> None:
     run.add_argument("--out", default=None, help="the output folder (default: runs/<spec name>)")
     run.add_argument("--seeds", default=None, help="seeds to run, e.g. 0,1,2 (default: the spec's)")
     run.add_argument("--only", default=None, help="setups to run, e.g. lora,mix (their init_from setups run too)")
+    run.add_argument("--data", default=None, help="the data folder (overrides the spec's data_dir)")
     run.add_argument("--no-plots", action="store_true", help="skip results.png (no matplotlib needed)")
     run.set_defaults(fn=cmd_experiment_run)
     table = esub.add_parser("table", help="print the table of a results.json (and rewrite the report with --out)")

@@ -3,12 +3,10 @@
     summary = run_experiment(ExperimentSpec.from_file("spec.json"), out="runs/glue")
     adapter-composer experiment run spec.json --out runs/glue [--seeds 0,1,2] [--only lora,mix]
 
-A *cell* is one training run: a single-task setup has a cell per task and seed, a
-multi-task setup one per seed. Single-task cells run first and save their adapter and
-head; setups with ``init_from`` load them. Each cell lives in
-``OUT/cells/<setup>/seed<k>-<task|joint>-<key>/`` where ``key`` hashes everything that
-decides its result (model, data declaration and file sizes, setup, train options, seed,
-selection, the keys of the cells it starts from). ``result.json`` is written atomically
+A *cell* is one training run (see ``experiment_cells``). Single-task cells run first and
+save their adapter and head; setups with ``init_from`` load them. Each cell lives in
+``OUT/cells/<setup>/seed<k>-<task|joint>-<key>/``, ``key`` a hash of everything that
+decides its result. ``result.json`` is written atomically
 when the cell finishes; a later run with the same key skips it, a changed key reruns it
 (and every cell that starts from it). An interrupted cell resumes from its last
 ``train()`` checkpoint (``budget.train.checkpoint_every``) with ``resume=True``.
@@ -27,14 +25,22 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from adapter_composer.workflow.experiment_cells import (
+    Cell,
+    RunSummary,
+    graph_of,
+    lr_grid,
+    plan,
+    tasks_trained,
+    tasks_with_adapters,
+    train_fields,
+)
 from adapter_composer.workflow.experiment_data import (
-    data_fingerprint,
     load_model,
     load_tasks,
     split_for_selection,
@@ -44,115 +50,8 @@ from adapter_composer.workflow.experiment_spec import (
     ExperimentError,
     ExperimentSpec,
     ExperimentSpecError,
-    digest,
     train_config,
 )
-
-
-@dataclass
-class Cell:
-    setup: str
-    seed: int
-    task: str | None  # a single-task cell's task; None for a multi-task setup
-    key: str = ""
-    deps: dict[str, Cell] = field(default_factory=dict)  # adapter task -> the single-task cell it starts from
-
-    @property
-    def label(self) -> str:
-        return f"{self.setup} seed {self.seed} {self.task or 'joint'}"
-
-    def directory(self, out: Path) -> Path:
-        return out / "cells" / self.setup / f"seed{self.seed}-{self.task or 'joint'}-{self.key}"
-
-
-@dataclass
-class RunSummary:
-    out: Path
-    ran: list[str] = field(default_factory=list)
-    cached: list[str] = field(default_factory=list)
-    results: dict[str, Any] = field(default_factory=dict)
-
-
-# --- planning -------------------------------------------------------------------------
-
-
-def _adapter_tasks(spec: ExperimentSpec, cell: Cell) -> list[str]:
-    return [cell.task] if cell.task else spec.setup_tasks(cell.setup)
-
-
-def _train_on(spec: ExperimentSpec, cell: Cell) -> list[str]:
-    return [cell.task] if cell.task else spec.setup_train_on(cell.setup)
-
-
-def train_fields(spec: ExperimentSpec, cell: Cell) -> dict[str, Any]:
-    """The TrainConfig fields of a cell (lr: the chosen one; a grid is searched first)."""
-    setup = spec.setups[cell.setup]
-    method, _ = spec.method_of(cell.setup)
-    steps = setup.steps if setup.steps is not None else sum(spec.steps_for(t) for t in _train_on(spec, cell))
-    fields: dict[str, Any] = {"batch_size": spec.budget.batch_size, "progress": False}
-    fields.update(spec.budget.train)
-    fields.update(setup.train)
-    lrs = spec.budget.lr
-    lr = setup.lr or lrs.get(cell.setup) or lrs.get(method or "") or lrs.get("default")
-    if lr is not None:
-        fields["lr"] = lr
-    fields.update(steps=steps, seed=cell.seed)
-    return fields
-
-
-def lr_grid(spec: ExperimentSpec, cell: Cell) -> list[float]:
-    if spec.selection is None or train_fields(spec, cell)["steps"] == 0:
-        return []
-    method, _ = spec.method_of(cell.setup)
-    grid = spec.selection.lr
-    return list(grid.get(cell.setup) or grid.get(method or "") or [])
-
-
-def plan(spec: ExperimentSpec, seeds: Sequence[int] | None = None, only: Sequence[str] | None = None) -> list[Cell]:
-    """Every cell to run, single-task cells first, each with its cache key."""
-    seeds = list(seeds if seeds is not None else spec.seeds)
-    wanted = list(only) if only else list(spec.setups)
-    unknown = [s for s in wanted if s not in spec.setups]
-    if unknown:
-        raise ExperimentSpecError(f"--only names unknown setup(s) {unknown}; setups: {sorted(spec.setups)}")
-    needed = list(dict.fromkeys([*(spec.setups[s].init_from for s in wanted if spec.setups[s].init_from), *wanted]))
-    singles: dict[tuple[str, int, str], Cell] = {}
-    cells = []
-    for name in needed:
-        if spec.setups[name].single:
-            for seed in seeds:
-                for task in spec.setup_tasks(name):
-                    cell = Cell(name, seed, task)
-                    singles[(name, seed, task)] = cell
-                    cells.append(cell)
-    for name in needed:
-        setup = spec.setups[name]
-        if not setup.single:
-            for seed in seeds:
-                cell = Cell(name, seed, None)
-                if setup.init_from:
-                    cell.deps = {t: singles[(setup.init_from, seed, t)] for t in spec.setup_tasks(name)}
-                cells.append(cell)
-    for cell in cells:
-        cell.key = cell_key(spec, cell)
-    return cells
-
-
-def cell_key(spec: ExperimentSpec, cell: Cell) -> str:
-    setup = spec.setups[cell.setup].model_dump(mode="json", exclude={"label"})
-    tasks = sorted(set(_adapter_tasks(spec, cell)) | set(_train_on(spec, cell)))
-    return digest({
-        "model": spec.model.model_dump(mode="json"),
-        "heads": spec.heads,
-        "setup": setup,
-        "method": spec.method_of(cell.setup),
-        "task": cell.task,
-        "data": {t: data_fingerprint(spec, t) for t in tasks},
-        "train": train_fields(spec, cell),
-        "selection": {"lr": lr_grid(spec, cell), "holdout": spec.selection.holdout if spec.selection else None},
-        "deps": {t: d.key for t, d in cell.deps.items()},
-    })
-
 
 # --- one cell -------------------------------------------------------------------------
 
@@ -167,8 +66,8 @@ def build(spec: ExperimentSpec, cell: Cell, tasks: dict[str, Any], out: Path) ->
     setup = spec.setups[cell.setup]
     torch.manual_seed(cell.seed)
     model, tokenizer = load_model(spec)
-    composed = ac.compose(model, graph_of(spec, cell.setup, _adapter_tasks(spec, cell)))
-    train_on = _train_on(spec, cell)
+    composed = ac.compose(model, graph_of(spec, cell.setup, tasks_with_adapters(spec, cell)))
+    train_on = tasks_trained(spec, cell)
     heads = TaskHeads({t: tasks[t].spec for t in train_on}, hidden=model.config.hidden_size, **spec.heads)
     for task, dep in cell.deps.items():
         folder = dep.directory(out)
@@ -182,31 +81,13 @@ def build(spec: ExperimentSpec, cell: Cell, tasks: dict[str, Any], out: Path) ->
     return composed, heads, tokenizer
 
 
-def graph_of(spec: ExperimentSpec, setup_name: str, adapter_tasks: list[str]) -> Any:
-    from adapter_composer import Graph
-
-    setup = spec.setups[setup_name]
-    method, options = spec.method_of(setup_name)
-    g = Graph()
-    for task in adapter_tasks:
-        g.adapter(task, method, **options)
-    opts = dict(setup.options)
-    if opts.get("weights") == "uniform":
-        opts["weights"] = [1.0 / len(adapter_tasks)] * len(adapter_tasks)
-    if setup.operator == "route":
-        g.route({t: t for t in adapter_tasks}, **opts)
-    elif setup.operator is not None:
-        g.op(setup.operator, *adapter_tasks, name="combined", **opts)
-    return g
-
-
 def _fit(spec, cell, tasks, out, fields, *, out_dir=None, callbacks=()) -> tuple[dict[str, float], int, int, tuple[Any, Any]]:
     """Train (or only evaluate, with 0 steps) one composition: its dev scores, trained
     parameters, the step it resumed from, and (composition, heads)."""
     from adapter_composer.workflow.training import evaluate, latest_checkpoint, train
 
     composed, heads, tokenizer = build(spec, cell, tasks, out)
-    subset = {t: tasks[t] for t in _train_on(spec, cell)}
+    subset = {t: tasks[t] for t in tasks_trained(spec, cell)}
     config = train_config(fields, f"setup {cell.setup!r}")
     if config.steps == 0:
         scores = evaluate(composed, heads, subset, tokenizer, config.eval_batch_size)
@@ -222,7 +103,7 @@ def _select(spec, cell, tasks, out, folder: Path, grid: list[float], log) -> tup
     """The grid value with the best mean score on the held-out part of the training rows."""
     record = folder / "selection.json"
     done = json.loads(record.read_text()) if record.is_file() else {}
-    held = {t: split_for_selection(tasks[t], spec.selection.holdout, seed=cell.seed) for t in _train_on(spec, cell)}
+    held = {t: split_for_selection(tasks[t], spec.selection.holdout, seed=cell.seed) for t in tasks_trained(spec, cell)}
     others = {t: v for t, v in tasks.items() if t not in held}
     for lr in grid:
         if repr(lr) in done:
@@ -347,7 +228,7 @@ def preflight(spec: ExperimentSpec, cells: list[Cell]) -> None:
     for name in dict.fromkeys(c.setup for c in cells):
         cell = next(c for c in cells if c.setup == name)
         try:
-            diags = validate(graph_of(spec, name, _adapter_tasks(spec, cell)), registry, model)
+            diags = validate(graph_of(spec, name, tasks_with_adapters(spec, cell)), registry, model)
         except (CompositionError, TypeError, ValueError) as exc:
             problems.append(f"setup {name!r}: {exc}")
             continue

@@ -13,7 +13,11 @@ import pytest
 from adapter_composer.cli import main
 from adapter_composer.workflow import experiment as ex
 from adapter_composer.workflow.experiment_report import load_results, render_table
-from adapter_composer.workflow.experiment_spec import ExperimentError, ExperimentSpec, ExperimentSpecError
+from adapter_composer.workflow.experiment_spec import (
+    ExperimentError,
+    ExperimentSpec,
+    ExperimentSpecError,
+)
 from tests.workflow.conftest import tiny_spec
 
 
