@@ -117,20 +117,34 @@ def _select(spec, cell, tasks, out, folder: Path, grid: list[float], log) -> tup
     return best, {k: float(v) for k, v in done.items()}
 
 
-def run_cell(spec: ExperimentSpec, cell: Cell, tasks: dict[str, Any], out: Path, log=print, callbacks=()) -> dict[str, Any]:
+def run_cell(spec: ExperimentSpec, cell: Cell, tasks: dict[str, Any], out: Path, log=print, callbacks=(), prefix: str = "") -> dict[str, Any]:
+    """Train (after any selection) and evaluate one cell; write its result.json. The
+    seconds reported are the time spent on it, across interruptions (steps redone after
+    an interruption count)."""
     from safetensors.torch import save_file
 
     folder = cell.directory(out)
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    fields = train_fields(spec, cell)
-    grid = lr_grid(spec, cell)
-    selection = None
-    if grid:
-        best, scores = _select(spec, cell, tasks, out, folder, grid, log)
-        fields["lr"] = best
-        selection = {"lr": best, "held_out_scores": scores, "holdout": spec.selection.holdout}
-    scores, params, start, (composed, heads) = _fit(spec, cell, tasks, out, fields, out_dir=folder / "train", callbacks=callbacks)
+    spent = folder / "elapsed.json"
+    before = json.loads(spent.read_text())["seconds"] if spent.is_file() else 0.0
+
+    def tick() -> None:
+        _write_json(spent, {"seconds": before + time.perf_counter() - t0})
+
+    try:
+        fields = train_fields(spec, cell)
+        grid = lr_grid(spec, cell)
+        selection = None
+        if grid:
+            best, scores = _select(spec, cell, tasks, out, folder, grid, log)
+            fields["lr"] = best
+            selection = {"lr": best, "held_out_scores": scores, "holdout": spec.selection.holdout}
+        progress = Progress(log, prefix or cell.label, fields["steps"], tick=tick)
+        scores, params, start, (composed, heads) = _fit(spec, cell, tasks, out, fields, out_dir=folder / "train", callbacks=[progress, *callbacks])
+    except BaseException:  # an interruption: keep the time spent so far
+        tick()
+        raise
     if cell.task is not None:  # a single-task cell: keep its adapter and head for init_from
         state = {k: v.detach().contiguous() for k, v in composed.adapters[cell.task].state_dict().items()}
         save_file(state, str(folder / "adapter.safetensors"))
@@ -139,11 +153,12 @@ def run_cell(spec: ExperimentSpec, cell: Cell, tasks: dict[str, Any], out: Path,
     result = {
         "key": cell.key, "setup": cell.setup, "seed": cell.seed, "task": cell.task,
         "scores": {t: float(v) for t, v in scores.items()}, "params": int(params),
-        "seconds": round(time.perf_counter() - t0, 2), "steps": fields["steps"], "lr": fields.get("lr"),
+        "seconds": round(before + time.perf_counter() - t0, 2), "steps": fields["steps"], "lr": fields.get("lr"),
         "resumed_from": start, "selection": selection,
     }
     _write_json(folder / "result.json", result)
     shutil.rmtree(folder / "train", ignore_errors=True)  # checkpoints are only for resuming
+    spent.unlink(missing_ok=True)
     _prune(folder)
     return result
 
@@ -179,19 +194,21 @@ def cached_result(cell: Cell, out: Path) -> dict[str, Any] | None:
 class Progress:
     """``[cell i/n] setup seed task: step s/S, eta`` lines, at most every ``every`` seconds."""
 
-    def __init__(self, log: Callable[[str], None], prefix: str, steps: int, every: float = 5.0):
-        self.log, self.prefix, self.steps, self.every = log, prefix, steps, every
+    def __init__(self, log: Callable[[str], None], prefix: str, steps: int, every: float = 5.0, tick: Callable[[], None] | None = None):
+        self.log, self.prefix, self.steps, self.every, self.tick = log, prefix, steps, every, tick
         self.t0 = self.last = time.perf_counter()
         self.first: int | None = None
 
     def after_step(self, step: int) -> None:
         now = time.perf_counter()
         if self.first is None:
-            self.first = step
+            self.first, self.t0 = step, now
         done = step + 1
         if now - self.last < self.every and done < self.steps:
             return
         self.last = now
+        if self.tick is not None:
+            self.tick()
         rate = (now - self.t0) / max(1, done - self.first)
         eta = rate * (self.steps - done)
         self.log(f"{self.prefix}: step {done}/{self.steps}, eta {_duration(eta)}")
@@ -256,6 +273,8 @@ def run_experiment(
     if plots:
         check_plots()
     cells = plan(spec, seeds, only)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     preflight(spec, cells)
     tasks = load_tasks(spec)
     out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +292,7 @@ def run_experiment(
         steps = train_fields(spec, cell)["steps"]
         log(f"{prefix}: {steps} steps" + (f", lr grid {lr_grid(spec, cell)}" if lr_grid(spec, cell) else ""))
         try:
-            result = run_cell(spec, cell, tasks, out, log, [Progress(log, prefix, steps), *callbacks])
+            result = run_cell(spec, cell, tasks, out, log, callbacks, prefix)
         except ExperimentError:
             raise
         except Exception as exc:  # KeyboardInterrupt passes through: the cell resumes next run

@@ -18,6 +18,9 @@ from typing import Any
 from adapter_composer.workflow.experiment_data import data_fingerprint
 from adapter_composer.workflow.experiment_spec import ExperimentSpec, ExperimentSpecError, digest
 
+# TrainConfig fields that do not change a cell's numbers (resume is exact)
+NOT_IN_KEY = {"progress", "checkpoint_every"}
+
 
 @dataclass
 class Cell:
@@ -115,7 +118,7 @@ def cell_key(spec: ExperimentSpec, cell: Cell) -> str:
         "method": spec.method_of(cell.setup),
         "task": cell.task,
         "data": {t: data_fingerprint(spec, t) for t in tasks},
-        "train": train_fields(spec, cell),
+        "train": {k: v for k, v in train_fields(spec, cell).items() if k not in NOT_IN_KEY},
         "selection": {"lr": lr_grid(spec, cell), "holdout": spec.selection.holdout if spec.selection else None},
         "deps": {t: d.key for t, d in cell.deps.items()},
     })

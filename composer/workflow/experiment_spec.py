@@ -127,6 +127,7 @@ class ExperimentSpec(_Strict):
     selection: Selection | None = None
     heads: dict[str, Any] = Field(default_factory=dict, description="TaskHeads options (pooling, dropout)")
     plots: bool = True
+    threads: int | None = Field(None, ge=1, description="torch threads for the run (default: torch's); not part of any cell's key")
     base_dir: str | None = Field(None, description="set by from_file: the spec file's folder", exclude=True)
 
     @classmethod

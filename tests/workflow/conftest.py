@@ -30,6 +30,18 @@ def _rows(n: int, seed: int) -> dict[str, list]:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train several times faster on one thread (and do not fight the other
+    jobs on a small machine); the setting is restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> Path:
     from transformers import BertConfig, BertModel

@@ -148,10 +148,14 @@ def test_resume_after_an_interruption(first_run, workspace, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         ex.run_experiment(spec, out, seeds=[0], only=["lora"], plots=False, callbacks=[_Interrupt()], log=lambda line: None)
     assert list(_cells(out)) == ["lora/0/sent"]
+    interrupted = next(out.glob("cells/lora/seed0-pair-*"))
+    assert [p.name for p in (interrupted / "train" / "checkpoints").iterdir()] == ["step-00000002"]
+    spent = json.loads((interrupted / "elapsed.json").read_text())["seconds"]
     summary = ex.run_experiment(spec, out, seeds=[0], only=["lora"], plots=False, log=lambda line: None)
     assert summary.cached == ["lora seed 0 sent"] and summary.ran == ["lora seed 0 pair", "lora seed 0 score"]
     cells = _cells(out)
     assert cells["lora/0/pair"]["resumed_from"] == 2 and cells["lora/0/score"]["resumed_from"] == 0
+    assert cells["lora/0/pair"]["seconds"] > spent > 0  # the time before the interruption counts
     # the resumed cell ends where the uninterrupted first run ended (same key, same numbers)
     reference = first_run[2]
     for key in ("lora/0/sent", "lora/0/pair", "lora/0/score"):
