@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -165,9 +166,9 @@ def run_cell(spec: ExperimentSpec, cell: Cell, tasks: dict[str, Any], out: Path,
 
 def _prune(folder: Path) -> None:
     """Drop cells of the same setup, seed and task with another key (a changed spec)."""
-    prefix = folder.name.rsplit("-", 1)[0] + "-"
+    pattern = re.compile(re.escape(folder.name.rsplit("-", 1)[0]) + r"-[0-9a-f]{16}")
     for other in folder.parent.iterdir():
-        if other != folder and other.is_dir() and other.name.startswith(prefix) and len(other.name) == len(folder.name):
+        if other != folder and other.is_dir() and pattern.fullmatch(other.name):
             shutil.rmtree(other, ignore_errors=True)
 
 
@@ -272,6 +273,7 @@ def run_experiment(
     plots = spec.plots if plots is None else plots
     if plots:
         check_plots()
+    spec.check()  # a spec built in Python (ExperimentSpec(...)) is checked here
     cells = plan(spec, seeds, only)
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -302,7 +304,12 @@ def run_experiment(
         log(f"{prefix}: done in {_duration(result['seconds'])}: {scores}")
         summary.ran.append(cell.label)
         results.append(result)
-    summary.results = collect(spec, results, seeds if seeds is not None else spec.seeds, only)
+    # the report covers every setup whose cells are all finished, not only those run now
+    finished = {(r["setup"], r["seed"], r["task"]): r for r in results}
+    for cell in plan(spec, seeds):
+        if (cell.setup, cell.seed, cell.task) not in finished and (cached := cached_result(cell, out)) is not None:
+            finished[(cell.setup, cell.seed, cell.task)] = cached
+    summary.results = collect(spec, list(finished.values()), seeds if seeds is not None else spec.seeds, plan(spec, seeds))
     summary.results["run_seconds"] = round(time.perf_counter() - t_start, 1)
     write_report(summary.results, out, plots=plots)
     return summary

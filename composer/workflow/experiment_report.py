@@ -31,9 +31,13 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "n": n}
 
 
-def collect(spec: Any, cells: Sequence[Mapping[str, Any]], seeds: Sequence[int], only: Sequence[str] | None = None) -> dict[str, Any]:
-    """results.json: per setup, the scores of every seed and their mean ± std."""
-    setups = [s for s in spec.setups if not only or s in only]
+def collect(spec: Any, cells: Sequence[Mapping[str, Any]], seeds: Sequence[int], planned: Sequence[Any] = ()) -> dict[str, Any]:
+    """results.json: per setup, the scores of every seed and their mean ± std. With
+    ``planned`` (the cells of the full plan), a setup appears only once all its cells have
+    a result."""
+    have = {(c["setup"], c["seed"], c["task"]) for c in cells}
+    incomplete = {c.setup for c in planned if (c.setup, c.seed, c.task) not in have}
+    setups = [s for s in spec.setups if s not in incomplete and any(c["setup"] == s for c in cells)]
     out: dict[str, Any] = {
         "name": spec.name,
         "seeds": list(seeds),

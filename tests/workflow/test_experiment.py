@@ -102,6 +102,10 @@ def test_a_second_run_trains_nothing(first_run, monkeypatch):
     assert calls == [] and summary.ran == [] and len(summary.cached) == len(cells)
     assert {k: c["mtime"] for k, c in _cells(out).items()} == {k: c["mtime"] for k, c in cells.items()}
     assert summary.results["setups"] == load_results(out)["setups"]
+    # --only runs a subset; the report still shows every setup whose cells are all finished
+    summary = ex.run_experiment(ExperimentSpec.from_file(spec_path), out, only=["sum"], log=lambda line: None)
+    assert calls == [] and len(summary.cached) == 6 + 2 and all(k.startswith(("lora ", "sum ")) for k in summary.cached)
+    assert list(summary.results["setups"]) == ["lora", "route", "mix", "sum", "arrow_heldout"]
 
 
 def test_a_changed_spec_reruns_only_the_changed_cells(first_run, workspace, tmp_path):
