@@ -184,8 +184,16 @@ def load_model(spec: ExperimentSpec) -> tuple[Any, Any]:
         torch.random.set_rng_state(state)
         path = None
     else:
+        from transformers.utils import logging as hf_logging
+
         path = _model_path(spec)
-        model = AutoModel.from_pretrained(path)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per cell is noise
+        try:
+            model = AutoModel.from_pretrained(path)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
     tok_path = spec.resolve(m.tokenizer, data=False) if m.tokenizer else path
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tok_path))

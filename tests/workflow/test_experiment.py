@@ -233,6 +233,9 @@ def test_bad_specs_are_reported_with_what_to_do(workspace, tmp_path):
     with pytest.raises(ExperimentSpecError, match="unknown setup"):
         ex.plan(ExperimentSpec.parse(tiny_spec(workspace)), only=["lora", "nope"])
     spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(tiny_spec(workspace)))
+    assert main(["experiment", "run", str(spec_path), "--seeds", "0,one"]) == 2
+    assert main(["experiment", "run", str(spec_path), "--only", "lora,nope", "--out", str(tmp_path / "o")]) == 1
     spec_path.write_text("{not json")
     assert main(["experiment", "run", str(spec_path)]) == 1
 
