@@ -114,7 +114,7 @@ def _select(spec, cell, tasks, out, folder: Path, grid: list[float], log) -> tup
         done[repr(lr)] = sum(scores.values()) / len(scores)
         log(f"    select lr {lr:g}: held-out mean {done[repr(lr)]:.4f}")
         _write_json(record, done)
-    best = max(grid, key=lambda lr: (done[repr(lr)], -lr))
+    best = max(grid, key=lambda lr: (done[repr(lr)], -lr))  # a tie goes to the smaller value
     return best, {k: float(v) for k, v in done.items()}
 
 

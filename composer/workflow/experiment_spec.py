@@ -83,7 +83,7 @@ class Selection(_Strict):
 
     holdout: float = Field(0.1, gt=0, lt=1, description="the fraction of each task's training rows held out")
     lr: dict[str, list[float]] = Field(default_factory=dict, description="learning-rate grid per method or setup name")
-    metric: Literal["mean"] = "mean"
+    metric: Literal["mean"] = Field("mean", description="the criterion: the mean of the trained tasks' metrics on their held-out rows")
 
 
 class Budget(_Strict):
@@ -239,7 +239,7 @@ class ExperimentSpec(_Strict):
             out.append(f"{where}: a single-task setup must train its adapters (train_adapters: true)")
         return out + _train_problems(f"{where}.train", setup.train)
 
-    # --- hashing ----------------------------------------------------------------------
+    # --- budgets ----------------------------------------------------------------------
 
     def steps_for(self, task: str) -> int:
         steps = self.budget.steps
