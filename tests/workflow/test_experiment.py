@@ -275,3 +275,14 @@ def test_tasks_from_files_and_datasets(workspace):
     odd.write_bytes("\ufeffa\tlabel\nx\t1\nbroken line\ny\t0\n".encode())
     rows, skipped = read_rows(odd)
     assert rows == {"a": ["x", "y"], "label": ["1", "0"]} and skipped == 1
+
+
+def test_the_readme_spec_and_the_example_specs_are_valid():
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    block = readme.split("### Experiments from a spec file", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+    spec = ExperimentSpec.parse(json.loads(block))
+    assert [c.label for c in ex.plan(spec, seeds=[0]) if c.setup in ("lora", "sum")] == ["lora seed 0 sst2", "lora seed 0 cola", "sum seed 0 joint"]
+    for name in ("spec.json", "heldout_mrpc.json"):
+        spec = ExperimentSpec.from_file(root / "examples" / "glue" / name)
+        assert spec.seeds == [0, 1, 2] and ex.plan(spec)
