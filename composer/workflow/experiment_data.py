@@ -167,7 +167,8 @@ def split_for_selection(task: Any, holdout: float, seed: int) -> Any:
 
 
 def load_model(spec: ExperimentSpec) -> tuple[Any, Any]:
-    """A fresh copy of the base encoder (the same weights every call) and its tokenizer."""
+    """A fresh copy of the base encoder (the same weights every call) and its tokenizer
+    (the same object every call)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -194,12 +195,18 @@ def load_model(spec: ExperimentSpec) -> tuple[Any, Any]:
         finally:
             if bar:
                 hf_logging.enable_progress_bar()
-    tok_path = spec.resolve(m.tokenizer, data=False) if m.tokenizer else path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_path))
-    except (OSError, ValueError) as exc:
-        raise ExperimentSpecError(f"model.tokenizer: no tokenizer at {tok_path} ({exc})") from None
-    return model.eval(), tokenizer
+    tok_path = str(spec.resolve(m.tokenizer, data=False) if m.tokenizer else path)
+    if tok_path not in _TOKENIZERS:
+        try:
+            _TOKENIZERS[tok_path] = AutoTokenizer.from_pretrained(tok_path)
+        except (OSError, ValueError) as exc:
+            raise ExperimentSpecError(f"model.tokenizer: no tokenizer at {tok_path} ({exc})") from None
+    return model.eval(), _TOKENIZERS[tok_path]
+
+
+# one tokenizer object per path: a Task caches its tokenization per tokenizer, so every
+# cell of a run (and every grid value of a selection) reuses the first cell's encoding
+_TOKENIZERS: dict[str, Any] = {}
 
 
 def _model_path(spec: ExperimentSpec) -> str:
