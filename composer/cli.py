@@ -4,6 +4,8 @@
     adapter-composer validate GRAPH.json --model CONFIG_OR_DIR  # diagnostics; exit 1 when any
     adapter-composer plan GRAPH.json --model CONFIG_OR_DIR      # the explained plan (--json for JSON)
     adapter-composer demo                                     # the quick-start demo
+    adapter-composer experiment run SPEC.json [--out DIR]     # train and evaluate every setup x seed
+    adapter-composer experiment table results.json            # re-render the results table
 
 ``--model`` takes a transformers ``config.json`` (or a directory holding one); the model is
 built from it on the meta device, so validating a graph for a large model costs nothing.
@@ -99,6 +101,66 @@ def cmd_demo(args) -> int:
     return run_with(args)
 
 
+def cmd_experiment_run(args) -> int:
+    from adapter_composer.errors import ComposerError
+    from adapter_composer.workflow.experiment import run_experiment
+    from adapter_composer.workflow.experiment_report import render_table
+    from adapter_composer.workflow.experiment_spec import ExperimentSpec
+
+    try:
+        spec = ExperimentSpec.from_file(args.spec)
+        if args.data:
+            spec = spec.model_copy(update={"data_dir": str(Path(args.data).resolve())})
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+        only = [s for s in args.only.split(",") if s] if args.only else None
+        summary = run_experiment(spec, args.out, seeds=seeds, only=only, plots=False if args.no_plots else None)
+    except ValueError as err:  # a bad --seeds value
+        if not isinstance(err, ComposerError):
+            print(f"error: --seeds takes integers separated by commas ({err})", file=sys.stderr)
+            return 2
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except ComposerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(render_table(summary.results))
+    print(f"{len(summary.ran)} cell(s) run, {len(summary.cached)} cached; results in {summary.out}")
+    return 0
+
+
+def cmd_experiment_table(args) -> int:
+    from adapter_composer.errors import ComposerError
+    from adapter_composer.workflow.experiment_report import load_results, render_table, write_report
+
+    try:
+        results = load_results(args.results)
+        if args.out:
+            write_report(results, Path(args.out), plots=args.plots)
+    except ComposerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(render_table(results))
+    return 0
+
+
+def _experiment_parser(sub) -> None:
+    exp = sub.add_parser("experiment", help="multi-task experiments from a spec file (run, table)")
+    esub = exp.add_subparsers(dest="experiment_command", required=True)
+    run = esub.add_parser("run", help="train and evaluate every setup x seed (cached, resumable)")
+    run.add_argument("spec", help="an experiment spec JSON file")
+    run.add_argument("--out", default=None, help="the output folder (default: runs/<spec name>)")
+    run.add_argument("--seeds", default=None, help="seeds to run, e.g. 0,1,2 (default: the spec's)")
+    run.add_argument("--only", default=None, help="setups to run, e.g. lora,mix (their init_from setups run too)")
+    run.add_argument("--data", default=None, help="the data folder (overrides the spec's data_dir)")
+    run.add_argument("--no-plots", action="store_true", help="skip results.png (no matplotlib needed)")
+    run.set_defaults(fn=cmd_experiment_run)
+    table = esub.add_parser("table", help="print the table of a results.json (and rewrite the report with --out)")
+    table.add_argument("results", help="results.json (or the folder holding it)")
+    table.add_argument("--out", default=None, help="write results.json/.md (and .png with --plots) here")
+    table.add_argument("--plots", action="store_true", help="with --out: also draw results.png")
+    table.set_defaults(fn=cmd_experiment_table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="adapter-composer", description="Compose PEFT methods as validated graphs."
@@ -130,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the quick-start demo (a tiny model built offline)")
     add_arguments(demo)
     demo.set_defaults(fn=cmd_demo)
+    _experiment_parser(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 

