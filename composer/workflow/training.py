@@ -2,13 +2,17 @@
 
     result = train(composed, heads, tasks, tokenizer, TrainConfig(steps=500), out_dir="runs/x")
 
-One step: draw a mixed batch (each row carries its task key), run the encoder once with
-``route=`` the task keys when the composition routes, pool, apply each row's task head,
-add the mix load-balancing loss and any callback's extra loss (AdaLoRA's orthogonality
-term), backward, let callbacks act (AdaLoRA's budget step), clip, step. Evaluation runs per
-task on its dev split; checkpoints hold the composition (``Composed.save``), the heads,
-the optimizer, the scheduler, the sampler and the RNG, so ``resume=True`` continues an
-interrupted run exactly where its last checkpoint left it.
+One step: draw a mixed batch (each row carries its task key), run the model once with
+``route=`` the task keys when the composition routes, compute the objective's loss (TaskHeads
+on the pooled encoder output, or with ``heads=None`` the model's own classifier or causal-LM
+loss: see objectives.py), add the mix load-balancing loss and any callback's extra loss
+(AdaLoRA's orthogonality term), backward, let callbacks act (AdaLoRA's budget step), clip,
+step. Checkpoints (checkpoints.py) make ``resume=True`` continue an interrupted run exactly.
+
+Speed: every task is tokenised once (``Task.encode`` caches), batches are padded to their
+longest row and drawn in length-sorted groups (``length_grouping`` batches sorted together),
+``length_percentile`` truncates training rows at that percentile of each task's lengths, and
+evaluation runs without gradients on length-sorted batches of ``eval_batch_size``.
 
 Callbacks are plain objects with any of ``extra_loss(step) -> Tensor | None``,
 ``after_backward(step)`` and ``after_step(step)``.
@@ -17,26 +21,33 @@ Callbacks are plain objects with any of ``extra_loss(step) -> Tensor | None``,
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import random
-import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapter_composer.errors import ComposerError
+from adapter_composer.workflow.checkpoints import (
+    CHECKPOINTS,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from adapter_composer.workflow.heads import TaskHeads
 from adapter_composer.workflow.mixture import MixtureSampler, collate
-from adapter_composer.workflow.tasks import Task, check_tasks, metric_value
+from adapter_composer.workflow.objectives import HeadsObjective, TrainingSetupError, objective_for
+from adapter_composer.workflow.tasks import Task, check_tasks
 
-CHECKPOINTS = "checkpoints"
+__all__ = [
+    "CHECKPOINTS", "TrainConfig", "TrainResult", "TrainingSetupError", "encode_batch", "evaluate",
+    "latest_checkpoint", "load_checkpoint", "predict", "save_checkpoint", "train",
+]
 
 
 @dataclass
@@ -51,10 +62,12 @@ class TrainConfig:
     sampling: str = "proportional"
     temperature: float = 1.0
     eval_every: int = 0  # 0: evaluate at the end only
-    eval_batch_size: int = 64
+    eval_batch_size: int = 128
     checkpoint_every: int = 0  # 0: a checkpoint at the end only (when out_dir is given)
     seed: int = 0
     progress: bool = True
+    length_grouping: int = 32  # batches drawn together and sorted by length (1: off)
+    length_percentile: float | None = None  # truncate training rows at this percentile of the task's lengths
 
 
 @dataclass
@@ -62,6 +75,7 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the training steps (evaluation excluded)
 
     @property
     def final(self) -> dict[str, float]:
@@ -73,20 +87,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _routes(composed: Any) -> bool:
-    hook = composed._patch.model_hook
-    return bool(hook is not None and hook.route_keys)
-
-
 def encode_batch(composed: Any, heads: Any, batch: Mapping[str, Any], model: Any = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Run the encoder once for a mixed batch and every row's task head (``model`` and
     ``heads`` may be DistributedDataParallel wrappers)."""
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    if _routes(composed):
-        inputs["route"] = list(batch["tasks"])
-    out = (model or composed.model)(**inputs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return heads(hidden, batch["attention_mask"], batch["tasks"])
+    return HeadsObjective(composed, heads).forward(batch, model, heads)
 
 
 def _distributed() -> tuple[int, int]:
@@ -97,118 +101,42 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+# --- evaluation -----------------------------------------------------------------------
+
+
 @torch.no_grad()
-def evaluate(composed: Any, heads: TaskHeads, tasks: Mapping[str, Task], tokenizer: Any, batch_size: int = 64) -> dict[str, float]:
-    """The dev metric of every task that has a dev split."""
+def predict(objective: Any, task: Task, tokenizer: Any, batch_size: int = 128, *, sort: bool = True, pad_to: int | None = None, split: str = "dev") -> torch.Tensor:
+    """The objective's outputs for every row of ``split``, in data order. Rows are batched
+    by length (``sort``) and padded to each batch's longest row, or to ``pad_to``."""
+    examples = task.encode(tokenizer, split)
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"])) if sort else list(range(len(examples)))
+    pad = tokenizer.pad_token_id or 0
+    parts = []
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        parts.append(objective.outputs(collate(chunk, pad, pad_to)).float())
+    outputs = torch.cat(parts)
+    result = torch.empty_like(outputs)
+    result[torch.tensor(order)] = outputs
+    return result
+
+
+def evaluate(composed: Any, heads: TaskHeads | None, tasks: Mapping[str, Task], tokenizer: Any, batch_size: int = 128) -> dict[str, float]:
+    """The dev metric of every task that has a dev split (``heads=None``: the model's own head)."""
+    objective = objective_for(composed, heads, {n: t for n, t in tasks.items() if t.dev is not None})
     was_training = composed.model.training
     composed.eval()
-    heads.eval()
+    objective.module.eval()
     scores = {}
-    pad = tokenizer.pad_token_id or 0
     for name, task in tasks.items():
         if task.dev is None:
             continue
-        examples = task.encode(tokenizer, "dev")
-        predictions, labels = [], []
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            batch = collate(chunk, pad)
-            outputs = encode_batch(composed, heads, batch)
-            _, values = TaskHeads.predictions(outputs, heads.specs)[name]
-            predictions += values
-            labels += [x["label"] for x in chunk]
-        scores[name] = metric_value(task.spec.metric, predictions, labels)
+        outputs = predict(objective, task, tokenizer, batch_size)
+        labels = [x["label"] for x in task.encode(tokenizer, "dev")]
+        scores[name] = objective.score(task.spec, outputs, labels)
     composed.train(was_training)
-    heads.train(was_training)
+    objective.module.train(was_training)
     return scores
-
-
-# --- checkpoints ----------------------------------------------------------------------
-
-
-def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors, scalars = {}, {}
-    for idx, values in state["state"].items():
-        for k, v in values.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        if key.startswith("state."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    for key, v in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(directory: Path, step: int, composed: Any, heads: nn.Module, optimizer: Any, scheduler: Any, sampler: MixtureSampler, config: TrainConfig) -> Path:
-    """Write ``checkpoints/step-N`` atomically (a temporary directory renamed into place)."""
-    root = Path(directory) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    composed.save(tmp / "composition")
-    save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp / "heads.safetensors"))
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    trainer = {
-        "step": step,
-        "config": asdict(config),
-        "optimizer": meta,
-        "scheduler": scheduler.state_dict(),
-        "sampler": sampler.state_dict(),
-        "python_random": repr(random.getstate()),
-    }
-    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1, default=str))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    root = Path(directory) / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-    return steps[-1] if steps else None
-
-
-def load_checkpoint(path: Path, composed: Any, heads: nn.Module, optimizer: Any, scheduler: Any, sampler: MixtureSampler) -> int:
-    from adapter_composer.formats.composition import read_manifest
-    from adapter_composer.formats.files import read_safetensors
-
-    manifest = read_manifest(path / "composition")
-    for name, entry in manifest["adapters"].items():
-        if name not in composed.adapters:
-            raise ComposerError(f"checkpoint {path} holds adapter {name!r}, which this composition does not have")
-        composed.replace_weights(name, read_safetensors(path / "composition" / entry["file"]))
-    if manifest.get("operators_file"):
-        from adapter_composer.formats.composition import load_operator_tensors
-
-        load_operator_tensors(composed, read_safetensors(path / "composition" / manifest["operators_file"]))
-    heads.load_state_dict(load_file(str(path / "heads.safetensors")))
-    trainer = json.loads((path / "trainer.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, trainer["optimizer"]))
-    scheduler.load_state_dict(trainer["scheduler"])
-    sampler.load_state_dict(trainer["sampler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    import ast
-
-    random.setstate(ast.literal_eval(trainer["python_random"]))
-    return int(trainer["step"])
 
 
 # --- the loop -------------------------------------------------------------------------
@@ -226,14 +154,27 @@ def _schedule(config: TrainConfig) -> Callable[[int], float]:
 
 
 def default_optimizer(composed: Any, heads: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the composition's groups at ``lr`` and the heads at ``head_lr``."""
     groups = composed.param_groups(config.lr, config.weight_decay)
-    groups.append({"params": list(heads.parameters()), "lr": config.head_lr or config.lr, "weight_decay": config.weight_decay})
+    if params := list(heads.parameters()):
+        groups.append({"params": params, "lr": config.head_lr or config.lr, "weight_decay": config.weight_decay})
+    if not any(g["params"] for g in groups):
+        raise TrainingSetupError("nothing to train: the composition and the heads have no trainable parameters")
     return torch.optim.AdamW(groups)
+
+
+def training_examples(tasks: Mapping[str, Task], names: Sequence[str], tokenizer: Any, config: TrainConfig) -> dict[str, list[dict[str, Any]]]:
+    """Each task's training rows, tokenised once (truncated at ``length_percentile``)."""
+    out = {}
+    for n in names:
+        cap = tasks[n].length_cap(tokenizer, config.length_percentile) if config.length_percentile else None
+        out[n] = tasks[n].encode(tokenizer, "train", cap)
+    return out
 
 
 def train(
     composed: Any,
-    heads: TaskHeads,
+    heads: TaskHeads | None,
     tasks: Mapping[str, Task],
     tokenizer: Any,
     config: TrainConfig,
@@ -244,17 +185,17 @@ def train(
     optimizer_factory: Callable[[Any, nn.Module, TrainConfig], torch.optim.Optimizer] = default_optimizer,
     train_tasks: Sequence[str] | None = None,
 ) -> TrainResult:
-    """Train the composition's adapters and the heads on a mixture of ``tasks``."""
+    """Train the composition's adapters and the heads on a mixture of ``tasks``; with
+    ``heads=None`` the model's own head and loss (a sequence classifier or a causal LM)."""
     check_tasks(tasks)
-    missing = [t for t in tasks if t not in heads.heads]
-    if missing:
-        raise ComposerError(f"no head for task(s) {missing}; build TaskHeads with every task")
+    objective = objective_for(composed, heads, tasks)
+    heads = objective.module
     names = list(train_tasks or tasks)
     rank, world = _distributed()
     seed_everything(config.seed)
-    examples = {n: tasks[n].encode(tokenizer, "train") for n in names}
+    examples = training_examples(tasks, names, tokenizer, config)
     # every rank draws its own batches; DDP averages the gradients (the batch is per rank)
-    sampler = MixtureSampler(examples, config.batch_size, config.sampling, config.temperature, config.seed + rank)  # type: ignore[arg-type]
+    sampler = MixtureSampler(examples, config.batch_size, config.sampling, config.temperature, config.seed + rank, group=config.length_grouping)  # type: ignore[arg-type]
     optimizer = optimizer_factory(composed, heads, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     result = TrainResult(steps=config.steps)
@@ -267,15 +208,17 @@ def train(
 
         # routed rows leave other adapters without gradients: find_unused_parameters
         model = DDP(composed.model, find_unused_parameters=True)
-        head_model = DDP(heads, find_unused_parameters=True)
+        if any(True for _ in heads.parameters()):
+            head_model = DDP(heads, find_unused_parameters=True)
     writer = out_dir is not None and rank == 0
     pad = tokenizer.pad_token_id or 0
     composed.train()
     heads.train()
     progress = _progress(config if rank == 0 else dataclasses.replace(config, progress=False), start)
+    clock = time.perf_counter()
     for step in range(start, config.steps):
         batch = collate(sampler.next_batch(), pad)
-        loss = heads.loss(encode_batch(composed, head_model, batch, model), batch["labels"])
+        loss = objective.loss(batch, model, head_model)
         total = loss + composed.aux_loss()
         for cb in callbacks:
             extra = getattr(cb, "extra_loss", None)
@@ -299,16 +242,23 @@ def train(
         progress.update(loss.item())
         done = step + 1
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-            result.evaluations.append({"step": done, "scores": evaluate(composed, heads, tasks, tokenizer, config.eval_batch_size)})
+            result.seconds += time.perf_counter() - clock
+            result.evaluations.append({"step": done, "scores": evaluate(composed, _heads_arg(objective), tasks, tokenizer, config.eval_batch_size)})
+            clock = time.perf_counter()
         if writer and config.checkpoint_every and done % config.checkpoint_every == 0:
             save_checkpoint(Path(out_dir), done, composed, heads, optimizer, scheduler, sampler, config)
     progress.close()
-    result.evaluations.append({"step": config.steps, "scores": evaluate(composed, heads, tasks, tokenizer, config.eval_batch_size)})
+    result.seconds += time.perf_counter() - clock
+    result.evaluations.append({"step": config.steps, "scores": evaluate(composed, _heads_arg(objective), tasks, tokenizer, config.eval_batch_size)})
     if writer:
         save_checkpoint(Path(out_dir), config.steps, composed, heads, optimizer, scheduler, sampler, config)
     composed.eval()
     heads.eval()
     return result
+
+
+def _heads_arg(objective: Any) -> TaskHeads | None:
+    return objective.module if isinstance(objective, HeadsObjective) else None
 
 
 class _progress:
