@@ -33,7 +33,13 @@ from torch import nn
 
 from adapter_composer.registry import hookimpl
 from adapter_composer.runtime.linear import NF, nf_weighted
-from adapter_composer.runtime.lowrank import LowRankBank, bank_of, lowrank_of, mixed_delta
+from adapter_composer.runtime.lowrank import (
+    LowRankBank,
+    bank_of,
+    in_place_target,
+    lowrank_of,
+    mixed_delta,
+)
 from adapter_composer.runtime.sublayer import residual_weighted
 
 
@@ -195,6 +201,10 @@ class MixNode(nn.Module):
         parts = [lowrank_of(c) for c in self.items]
         if all(p is not None for p in parts) and (self.options.top_k is None or _dense_is_cheaper(parts, self.options.top_k)):
             a, b, scale = bank_of(self.bank, parts)  # top-k: the unselected experts' gates are exact zeros
+            into = in_place_target(call, self, parts) if not g.requires_grad else None
+            if into is not None:
+                mixed_delta(x.to(a.dtype), a, b, scale, g.to(a.dtype), into=into)
+                return NF()
             return NF(e=mixed_delta(x.to(a.dtype), a, b, scale, g.to(a.dtype)))
         if self.options.top_k is not None:
             sparse = self._sparse_nf(x, call, g)

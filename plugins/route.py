@@ -25,7 +25,13 @@ from torch import nn
 from adapter_composer.errors import RoutingError
 from adapter_composer.registry import hookimpl
 from adapter_composer.runtime.linear import NF
-from adapter_composer.runtime.lowrank import LowRankBank, bank_of, lowrank_of, routed_delta
+from adapter_composer.runtime.lowrank import (
+    LowRankBank,
+    bank_of,
+    in_place_target,
+    lowrank_of,
+    routed_delta,
+)
 from adapter_composer.runtime.model import SegmentCall, Segments
 from adapter_composer.runtime.module import ModuleCall, routed_output
 from adapter_composer.runtime.sublayer import SublayerCall
@@ -121,6 +127,10 @@ class RouteNode(nn.Module):
         parts = [lowrank_of(c) for c in self.items]
         if all(p is not None for p in parts):
             a, b, scale = bank_of(self.bank, parts)
+            into = in_place_target(call, self, parts)
+            if into is not None:  # the base output gets the deltas in place: nothing else to add
+                routed_delta(x.to(a.dtype), a, b, scale, slots, into=into)
+                return NF()
             return NF(e=routed_delta(x.to(a.dtype), a, b, scale, slots))
         return self._grouped_nf(x, call, slots)
 
