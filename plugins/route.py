@@ -58,10 +58,12 @@ class RouteNode(nn.Module):
     def set_child(self, key: str, child: nn.Module) -> None:
         """Add or replace the child for ``key`` (hot swap); O(1) in the number of children.
 
-        A replaced low-rank adapter is written into its bank slot in place (its parameters
-        become views of the slot); an added one re-banks the site at its next call."""
+        The new low-rank adapter is written into its bank slot in place (its parameters become
+        views of the slot; an added one takes a free slot, or the site re-banks with room for
+        more); the adapter it replaces gets its own storage back."""
         if key in self.keys:
             i = self.keys.index(key)
+            self.bank.release(self.items[i])  # the adapter leaving keeps its weights
             self.items[i] = child
             part = lowrank_of(child)
             if part is not None:
@@ -76,6 +78,7 @@ class RouteNode(nn.Module):
 
     def remove_child(self, key: str) -> None:
         i = self.keys.index(key)
+        self.bank.release(self.items[i])
         del self.items[i]
         del self.keys[i]
         self._keyset = (tuple(self.keys), self.default)

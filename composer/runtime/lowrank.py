@@ -135,6 +135,15 @@ class LowRankBank:
                     copied.append(i)
             self._slots, self._copied = tuple(slots), tuple(copied)
 
+    def release(self, module: nn.Module) -> None:
+        """Give ``module``'s parameters that are views of this bank their own storage again (an
+        adapter leaving the site: the slot may be reused, and the bank is not kept alive by it)."""
+        banks = {t.untyped_storage().data_ptr() for t in (self.a, self.b) if t is not None}
+        with torch.no_grad():
+            for p in module.parameters():
+                if p.device.type != "meta" and p.untyped_storage().data_ptr() in banks:
+                    p.data = p.data.clone()
+
     def adopt(self, i: int, part: Part) -> bool:
         """Put ``part`` into slot ``i`` in place (hot swap: replace slot i, or add one more
         adapter, i = n, while a zero slot stays after it); False when it does not fit."""

@@ -171,3 +171,18 @@ def test_mix_serves_weights_changed_through_data(registry, monkeypatch, change, 
     _assert_serves_current(model, monkeypatch)
     CHANGES[change](composed, "e1")
     _assert_serves_current(model, monkeypatch)
+
+
+def test_an_adapter_replaced_by_hot_swap_keeps_its_weights(registry):
+    """Its bank slot is reused for the new adapter: the old one must not see the new weights."""
+    model, composed = _routed(registry)
+    _served(model, route=KEYS)
+    old = {k: v.clone() for k, v in composed.adapters["t1"].state_dict().items()}
+    ops = _lora(composed, "t1")
+    tensors = {k: v * 2 + 0.1 for k, v in old.items()}
+    composed.add_adapter("t1b", "lora", route="tasks", key="k1", targets=TARGETS, tensors=tensors, r=4, alpha=8)
+    kept = {k: v for op in ops for k, v in (("A", op.lora_A), ("B", op.lora_B))}
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in kept.values())
+    now = [t for op in ops for t in (op.lora_A, op.lora_B)]
+    assert sum(t.numel() for t in now) == sum(v.numel() for v in old.values())
+    assert all(any(torch.equal(t, v) for v in old.values()) for t in now)
