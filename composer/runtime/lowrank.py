@@ -114,7 +114,7 @@ class LowRankBank:
         """Allocate the bank for ``parts`` (and ``spare`` more zero slots, room for adapters
         added later), copy them in and make the owned parameters views of it."""
         banks = tuple(t.untyped_storage().data_ptr() for t in (self.a, self.b) if t is not None)
-        with torch.no_grad():
+        with torch.no_grad(), torch.inference_mode(False):  # normal tensors, even under inference_mode
             ref = parts[0][0]
             r_max = max(a.shape[0] for a, _, _ in parts)
             fan_in, fan_out = ref.shape[1], parts[0][1].shape[0]
@@ -139,7 +139,7 @@ class LowRankBank:
         """Give ``module``'s parameters that are views of this bank their own storage again (an
         adapter leaving the site: the slot may be reused, and the bank is not kept alive by it)."""
         banks = {t.untyped_storage().data_ptr() for t in (self.a, self.b) if t is not None}
-        with torch.no_grad():
+        with torch.no_grad(), torch.inference_mode(False):
             for p in module.parameters():
                 if p.device.type != "meta" and p.untyped_storage().data_ptr() in banks:
                     p.data = p.data.clone()
@@ -153,7 +153,7 @@ class LowRankBank:
         banks = (self.a.untyped_storage().data_ptr(), self.b.untyped_storage().data_ptr())
         if a.shape != self.a.shape[1:] or b.shape != self.b.shape[1:] or not _viewable(a, b, self.a, banks):
             return False
-        with torch.no_grad():
+        with torch.no_grad(), torch.inference_mode(False):
             self._write(i, part)
             r = a.shape[0]
             a.data = self.a[i, :r]

@@ -186,3 +186,14 @@ def test_an_adapter_replaced_by_hot_swap_keeps_its_weights(registry):
     now = [t for op in ops for t in (op.lora_A, op.lora_B)]
     assert sum(t.numel() for t in now) == sum(v.numel() for v in old.values())
     assert all(any(torch.equal(t, v) for v in old.values()) for t in now)
+
+
+def test_a_bank_built_under_inference_mode_leaves_the_parameters_trainable(registry, monkeypatch):
+    model, composed = _routed(registry)
+    _rebound(composed, "t1")  # the next call re-banks, here inside inference_mode
+    with torch.inference_mode():
+        model(**inputs(batch=4), route=KEYS)
+    optimizer = torch.optim.AdamW([p for p in composed.parameters() if p.requires_grad], lr=0.05)
+    model(**inputs(batch=4), route=KEYS).logits.square().mean().backward()
+    optimizer.step()
+    _assert_serves_current(model, monkeypatch, route=KEYS)
