@@ -33,7 +33,13 @@ from torch import nn
 
 from adapter_composer.registry import hookimpl
 from adapter_composer.runtime.linear import NF, nf_weighted
-from adapter_composer.runtime.lowrank import lowrank_of, mixed_delta
+from adapter_composer.runtime.lowrank import (
+    LowRankBank,
+    bank_of,
+    in_place_target,
+    lowrank_of,
+    mixed_delta,
+)
 from adapter_composer.runtime.sublayer import residual_weighted
 
 
@@ -100,6 +106,20 @@ def balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, real: torch.Tensor
     return probs.shape[-1] * (share * mean_prob).sum()
 
 
+GATHER_COST = 32  # a token's gather + scatter at one expert, in units of one rank column of GEMM work
+
+
+def _dense_is_cheaper(parts: list, top_k: int) -> bool:
+    """Top-k over low-rank experts: computing every expert (E·r columns, one GEMM each way) beats
+    computing only the selected ones per token (k·r columns plus gathering and scattering each
+    token's input and output k times) unless the experts are many or wide:
+
+        dense  ∝ E · r        sparse ∝ k · (r + GATHER_COST)
+    """
+    r = max(a.shape[0] for a, _, _ in parts)
+    return len(parts) * r <= top_k * (r + GATHER_COST)
+
+
 class MixNode(nn.Module):
     def __init__(
         self, children: list[nn.Module], options: MixOptions, node: str, where: str,
@@ -114,6 +134,7 @@ class MixNode(nn.Module):
         self._routers = routers  # a SharedRef to the node's MixRouters (in the container)
         self._router_key = MixRouters.name_of(router_key)
         self.present = present  # which of the node's experts act here (a layer router scores all)
+        self.bank = LowRankBank()  # the low-rank experts' A and B; their parameters are views of it
         if not options.train_experts:
             for p in self.items.parameters():
                 p.requires_grad_(False)
@@ -178,8 +199,13 @@ class MixNode(nn.Module):
     def linear_nf(self, x: torch.Tensor, call: Any) -> NF:
         g = self.gates(x, call).to(x.dtype)
         parts = [lowrank_of(c) for c in self.items]
-        if self.options.top_k is None and all(p is not None for p in parts):
-            return NF(e=mixed_delta(x.to(parts[0][0].dtype), parts, g.to(parts[0][0].dtype)))
+        if all(p is not None for p in parts) and (self.options.top_k is None or _dense_is_cheaper(parts, self.options.top_k)):
+            a, b, scale = bank_of(self.bank, parts)  # top-k: the unselected experts' gates are exact zeros
+            into = in_place_target(call, self, parts) if not g.requires_grad else None
+            if into is not None:
+                mixed_delta(x.to(a.dtype), a, b, scale, g.to(a.dtype), into=into)
+                return NF()
+            return NF(e=mixed_delta(x.to(a.dtype), a, b, scale, g.to(a.dtype)))
         if self.options.top_k is not None:
             sparse = self._sparse_nf(x, call, g)
             if sparse is not None:

@@ -25,7 +25,13 @@ from torch import nn
 from adapter_composer.errors import RoutingError
 from adapter_composer.registry import hookimpl
 from adapter_composer.runtime.linear import NF
-from adapter_composer.runtime.lowrank import LowRankBank, lowrank_of, routed_delta
+from adapter_composer.runtime.lowrank import (
+    LowRankBank,
+    bank_of,
+    in_place_target,
+    lowrank_of,
+    routed_delta,
+)
 from adapter_composer.runtime.model import SegmentCall, Segments
 from adapter_composer.runtime.module import ModuleCall, routed_output
 from adapter_composer.runtime.sublayer import SublayerCall
@@ -43,32 +49,61 @@ class RouteNode(nn.Module):
         self.keys = list(keys)
         self.default = default
         self.node = node
+        self._keyset = (tuple(self.keys), default)  # names the row→slot decision shared by all sites
         self.bank = LowRankBank()
+        self._bank_now()
 
     # --- membership (hot swap) --------------------------------------------------------
 
     def set_child(self, key: str, child: nn.Module) -> None:
-        """Add or replace the child for ``key`` (hot swap); O(1) in the number of children."""
+        """Add or replace the child for ``key`` (hot swap); O(1) in the number of children.
+
+        The new low-rank adapter is written into its bank slot in place (its parameters become
+        views of the slot; an added one takes a free slot, or the site re-banks with room for
+        more); the adapter it replaces gets its own storage back."""
         if key in self.keys:
-            self.items[self.keys.index(key)] = child
+            i = self.keys.index(key)
+            self.bank.release(self.items[i])  # the adapter leaving keeps its weights
+            self.items[i] = child
+            part = lowrank_of(child)
+            if part is not None:
+                self.bank.adopt(i, part)
         else:
             self.items.append(child)
             self.keys.append(key)
+            self._keyset = (tuple(self.keys), self.default)
+            part = lowrank_of(child)
+            if part is not None and not self.bank.adopt(len(self.keys) - 1, part):
+                self._bank_now(spare=len(self.keys) // 2)  # room for more: amortised O(1) per swap
 
     def remove_child(self, key: str) -> None:
         i = self.keys.index(key)
+        self.bank.release(self.items[i])
         del self.items[i]
         del self.keys[i]
+        self._keyset = (tuple(self.keys), self.default)
+        self._bank_now()
+
+    def _bank_now(self, spare: int = 0) -> None:
+        """Bank the low-rank children now (so the adapters' own storage is the bank from the
+        start); calls re-bank later whenever a parameter has moved out of its slot."""
+        parts = [lowrank_of(c) for c in self.items]
+        if not parts or any(p is None for p in parts) or parts[0][0].device.type == "meta":
+            self.bank = LowRankBank()
+            return
+        self.bank.rebuild(parts, spare)
 
     # --- which row goes where ---------------------------------------------------------
 
     def _slots(self, call: Any, batch: int, device: torch.device) -> torch.Tensor | None:
-        """Child index per row (len(children) = no adapter), memoised for the call."""
-        route = call.state.route if call.state is not None else None
+        """Child index per row (len(children) = no adapter), computed once per call for all the
+        sites whose route nodes have the same keys (memoised in the call's state)."""
+        state = call.state
+        route = state.route if state is not None else None
         if route is None and self.default is None:
             return None
-        memo = (id(self), tuple(self.keys), device)
-        cached = call.state.cache.get(memo) if call.state is not None else None
+        memo = (self._keyset, device, batch)
+        cached = state.cache.get(memo) if state is not None else None
         if cached is not None:
             return cached
         if route is None:
@@ -78,8 +113,8 @@ class RouteNode(nn.Module):
         index = {k: i for i, k in enumerate(self.keys)}
         none = len(self.keys)
         slots = torch.tensor([index.get(self.default if k is None else k, none) for k in route], device=device)
-        if call.state is not None:
-            call.state.cache[memo] = slots
+        if state is not None:
+            state.cache[memo] = slots
         return slots
 
     def _groups(self, slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -94,10 +129,12 @@ class RouteNode(nn.Module):
             return NF()
         parts = [lowrank_of(c) for c in self.items]
         if all(p is not None for p in parts):
-            a, b = self.bank.get(parts)
-            dtype = a.dtype
-            e = routed_delta(x.to(dtype), a, b, slots)
-            return NF(e=e)
+            a, b, scale = bank_of(self.bank, parts)
+            into = in_place_target(call, self, parts)
+            if into is not None:  # the base output gets the deltas in place: nothing else to add
+                routed_delta(x.to(a.dtype), a, b, scale, slots, into=into)
+                return NF()
+            return NF(e=routed_delta(x.to(a.dtype), a, b, scale, slots))
         return self._grouped_nf(x, call, slots)
 
     def _grouped_nf(self, x: torch.Tensor, call: Any, slots: torch.Tensor) -> NF:

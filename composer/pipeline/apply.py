@@ -20,6 +20,7 @@ from adapter_composer.pipeline.validate import Analysis
 from adapter_composer.registry import Registry
 from adapter_composer.runtime import CONTAINER_ATTR, Container, SharedRef, SiteBuild
 from adapter_composer.runtime.linear import Leaf as LinearLeaf
+from adapter_composer.runtime.lowrank import release_freed_memory
 from adapter_composer.runtime.model import GENERATING, ROUTE, ModelHook, SegmentLeaf, SegmentSite
 from adapter_composer.runtime.module import ModuleLeaf
 from adapter_composer.runtime.state import CallScope
@@ -171,6 +172,7 @@ def build_runtime(analysis: Analysis, plan: Plan, state: CallScope) -> Runtime:
             info=info,
         )
         rt.sites[(sp.path, sp.family)] = analysis.registry.build_site(base, sp.family, build)
+    release_freed_memory(m for site in rt.sites.values() for m in site.modules())
     return rt
 
 

@@ -154,7 +154,10 @@ def test_gates_are_recorded_and_the_balancing_loss_follows_its_formula(registry)
     assert composed.aux_loss().item() == pytest.approx(0.01 * 4, rel=1e-5)
 
 
-def test_top_k_computes_only_the_selected_experts(registry):
+def test_top_k_computes_only_the_selected_experts(registry, monkeypatch):
+    import adapter_composer.plugins.mix as mix_plugin
+
+    monkeypatch.setattr(mix_plugin, "_dense_is_cheaper", lambda parts, k: False)  # many or wide experts
     model, composed = _mixed(registry, top_k=1)
     seen = {i: 0 for i in range(3)}
     node = _mix_nodes(composed)[0]
@@ -165,6 +168,23 @@ def test_top_k_computes_only_the_selected_experts(registry):
     with torch.no_grad():
         model(**inputs())
     assert seen == {0: 0, 1: 18, 2: 0}
+
+
+def test_top_k_over_few_narrow_experts_runs_dense_with_the_same_output(registry, monkeypatch):
+    """Top-k over a few low-rank experts is cheaper computed dense (the unselected gates are
+    exact zeros): same output as computing only the selected experts, token by token."""
+    import adapter_composer.plugins.mix as mix_plugin
+
+    model, composed = _mixed(registry, top_k=2)
+    for node in _mix_nodes(composed):
+        torch.nn.init.normal_(node.router.weight, std=0.5)
+    assert mix_plugin._dense_is_cheaper([(torch.zeros(2, 4), None, 1.0)] * 3, 2)
+    batch = inputs()
+    with torch.no_grad():
+        dense = output(model, batch)
+        monkeypatch.setattr(mix_plugin, "_dense_is_cheaper", lambda parts, k: False)
+        sparse = output(model, batch)
+    assert torch.allclose(dense, sparse, atol=1e-5)
 
 
 def test_sequence_gates_are_kept_through_generate(registry):
