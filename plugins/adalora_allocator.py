@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapter_composer.errors import ComposerError
+
 __all__ = ["AdaLoraController", "Allocation", "budget_at"]
 
 FACTORS = ("lora_A", "lora_E", "lora_B")
@@ -204,6 +206,45 @@ class AdaLoraController:
     def rank_pattern(self) -> dict[str, list[bool]]:
         """The masks as PEFT's ``rank_pattern``: ``{"<module path>.lora_E": [kept, ...]}``."""
         return {f"{self.modules[k].path}.lora_E": m.tolist() for k, m in self.masks.items()}
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The controller's state as named tensors (masks, importance EMAs, allocation history),
+        saved with ``train()``'s checkpoints so a resumed run continues its estimates."""
+        out: dict[str, torch.Tensor] = {f"mask/{k}": m.detach().cpu() for k, m in self.masks.items()}
+        for (key, name), t in self._sensitivity.items():
+            out[f"sensitivity/{key}/{name}"] = t.detach().cpu()
+        for (key, name), t in self._uncertainty.items():
+            out[f"uncertainty/{key}/{name}"] = t.detach().cpu()
+        rows = [[a.step, a.budget, int(a.masked), a.kept] for a in self.history]
+        out["history"] = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
+        return out
+
+    def load_checkpoint_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`checkpoint_state`; refuses state of other sites or shapes."""
+        masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask/")}
+        if set(masks) != set(self.masks) or any(masks[k].shape != self.masks[k].shape for k in masks):
+            raise ComposerError(
+                f"AdaLoRA adapter {self.adapter!r}: the checkpoint's controller state is for other sites "
+                f"({sorted(masks)[:3]}...) than this composition's ({sorted(self.masks)[:3]}...); resume "
+                "with the composition and controller the checkpoint was written with"
+            )
+        estimates: dict[str, dict[tuple[str, str], torch.Tensor]] = {"sensitivity": {}, "uncertainty": {}}
+        for name, value in tensors.items():
+            kind, _, rest = name.partition("/")
+            if kind in estimates:
+                key, _, factor = rest.rpartition("/")
+                if key not in self.modules or factor not in FACTORS:
+                    raise ComposerError(f"AdaLoRA adapter {self.adapter!r}: unknown controller state {name!r} in the checkpoint")
+                param = getattr(self.modules[key], factor)
+                if value.shape != param.shape:
+                    raise ComposerError(f"AdaLoRA adapter {self.adapter!r}: {name} has shape {tuple(value.shape)}, not {tuple(param.shape)}")
+                estimates[kind][key, factor] = value.to(param.device, param.dtype)
+        self.masks = {k: masks[k].to(self.masks[k].device, torch.bool) for k in self.masks}
+        self._sensitivity, self._uncertainty = estimates["sensitivity"], estimates["uncertainty"]
+        history = tensors.get("history", torch.zeros(0, 4, dtype=torch.int64))
+        self.history = [Allocation(int(s), int(b), bool(m), int(k)) for s, b, m, k in history.tolist()]
 
     # --- adapter_composer.workflow.training.train callbacks ---------------------------------------------
 

@@ -12,7 +12,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from adapter_composer.errors import ComposerError
 from adapter_composer.workflow.mixture import MixtureSampler
 
 CHECKPOINTS = "checkpoints"
+CALLBACKS = "callbacks.safetensors"  # stateful callbacks (AdaLoRA's controller), by position
 
 
 def _flatten_optimizer(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -50,7 +51,12 @@ def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping[str,
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(directory: Path, step: int, composed: Any, heads: nn.Module, optimizer: Any, scheduler: Any, sampler: MixtureSampler, config: Any) -> Path:
+def _stateful(callbacks: Sequence[Any]) -> list[tuple[int, Any]]:
+    """The callbacks with checkpoint state (``checkpoint_state()`` / ``load_checkpoint_state()``)."""
+    return [(i, cb) for i, cb in enumerate(callbacks) if callable(getattr(cb, "checkpoint_state", None))]
+
+
+def save_checkpoint(directory: Path, step: int, composed: Any, heads: nn.Module, optimizer: Any, scheduler: Any, sampler: MixtureSampler, config: Any, callbacks: Sequence[Any] = ()) -> Path:
     """Write ``checkpoints/step-N`` atomically (a temporary directory renamed into place)."""
     root = Path(directory) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -63,6 +69,9 @@ def save_checkpoint(directory: Path, step: int, composed: Any, heads: nn.Module,
     tensors, meta = _flatten_optimizer(optimizer.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
+    states = {f"{i}/{k}": v.contiguous() for i, cb in _stateful(callbacks) for k, v in cb.checkpoint_state().items()}
+    if states:
+        save_file(states, str(tmp / CALLBACKS))
     trainer = {
         "step": step,
         "config": asdict(config),
@@ -86,7 +95,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def load_checkpoint(path: Path, composed: Any, heads: nn.Module, optimizer: Any, scheduler: Any, sampler: MixtureSampler) -> int:
+def load_checkpoint(path: Path, composed: Any, heads: nn.Module, optimizer: Any, scheduler: Any, sampler: MixtureSampler, callbacks: Sequence[Any] = ()) -> int:
     from adapter_composer.formats.composition import read_manifest
     from adapter_composer.formats.files import read_safetensors
 
@@ -107,4 +116,24 @@ def load_checkpoint(path: Path, composed: Any, heads: nn.Module, optimizer: Any,
     sampler.load_state_dict(trainer["sampler"])
     torch.set_rng_state(tensors["rng.torch"])
     random.setstate(ast.literal_eval(trainer["python_random"]))
+    _load_callback_states(path, callbacks)
     return int(trainer["step"])
+
+
+def _load_callback_states(path: Path, callbacks: Sequence[Any]) -> None:
+    """Give each stateful callback the state it saved (by position in ``callbacks``)."""
+    stateful = _stateful(callbacks)
+    saved: dict[int, dict[str, torch.Tensor]] = {}
+    if (path / CALLBACKS).exists():
+        for name, value in load_file(str(path / CALLBACKS)).items():
+            index, _, key = name.partition("/")
+            saved.setdefault(int(index), {})[key] = value
+    if sorted(saved) != [i for i, _ in stateful]:
+        raise ComposerError(
+            f"checkpoint {path} holds the state of callbacks at positions {sorted(saved)}, but this run's "
+            f"stateful callbacks are at {[i for i, _ in stateful]}: resume with the callbacks the run was started "
+            "with (e.g. the same AdaLoraController), in the same order"
+        )
+    for i, cb in stateful:
+        cb.load_checkpoint_state(saved[i])
+

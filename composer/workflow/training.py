@@ -201,7 +201,7 @@ def train(
     result = TrainResult(steps=config.steps)
     start = 0
     if resume and out_dir is not None and (last := latest_checkpoint(Path(out_dir))) is not None:
-        start = load_checkpoint(last, composed, heads, optimizer, scheduler, sampler)
+        start = load_checkpoint(last, composed, heads, optimizer, scheduler, sampler, callbacks)
     model, head_model = composed.model, heads
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -246,12 +246,12 @@ def train(
             result.evaluations.append({"step": done, "scores": evaluate(composed, _heads_arg(objective), tasks, tokenizer, config.eval_batch_size)})
             clock = time.perf_counter()
         if writer and config.checkpoint_every and done % config.checkpoint_every == 0:
-            save_checkpoint(Path(out_dir), done, composed, heads, optimizer, scheduler, sampler, config)
+            save_checkpoint(Path(out_dir), done, composed, heads, optimizer, scheduler, sampler, config, callbacks)
     progress.close()
     result.seconds += time.perf_counter() - clock
     result.evaluations.append({"step": config.steps, "scores": evaluate(composed, _heads_arg(objective), tasks, tokenizer, config.eval_batch_size)})
     if writer:
-        save_checkpoint(Path(out_dir), config.steps, composed, heads, optimizer, scheduler, sampler, config)
+        save_checkpoint(Path(out_dir), config.steps, composed, heads, optimizer, scheduler, sampler, config, callbacks)
     composed.eval()
     heads.eval()
     return result
