@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from adapter_composer.workflow.experiment_spec import ExperimentError
+from adapter_composer.workflow.experiment_spec import ExperimentError, read_json_file
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -161,12 +161,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
-    if not path.is_file():
-        raise ExperimentError(f"no results file at {path}; give the results.json an experiment run wrote")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ExperimentError(f"{path} is not valid JSON ({exc})") from None
+    data = read_json_file(path, "results file (give the results.json an experiment run wrote)", ExperimentError)
     if not isinstance(data, dict) or "setups" not in data or "tasks" not in data:
         raise ExperimentError(f"{path} is not an experiment results file (no 'setups' / 'tasks')")
     return data

@@ -20,13 +20,25 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from adapter_composer.errors import ComposerError
+from adapter_composer.errors import AdapterFileError, ComposerError
+from adapter_composer.formats.files import parse_json
 
 SINGLE = "single"
 
 
 class ExperimentError(ComposerError):
     """An experiment cannot run as declared (a cell failed, a file is missing, ...)."""
+
+
+def read_json_file(path: Path, missing: str, error: type[ExperimentError]) -> Any:
+    """A spec or results file, read with the library's JSON limits (size, depth, finite
+    numbers, no duplicate keys); any problem is ``error`` naming the file."""
+    if not path.is_file():
+        raise error(f"no {missing} at {path}")
+    try:
+        return parse_json(path.read_bytes(), str(path))
+    except AdapterFileError as exc:
+        raise error(str(exc)) from None
 
 
 class ExperimentSpecError(ExperimentError, ValueError):
@@ -133,12 +145,7 @@ class ExperimentSpec(_Strict):
     @classmethod
     def from_file(cls, path: str | Path) -> ExperimentSpec:
         path = Path(path)
-        if not path.is_file():
-            raise ExperimentSpecError(f"no experiment spec at {path}; give the path of a spec JSON file")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ExperimentSpecError(f"{path} is not valid JSON: {exc}") from None
+        data = read_json_file(path, "experiment spec (give the path of a spec JSON file)", ExperimentSpecError)
         return cls.parse(data, base_dir=path.resolve().parent)
 
     @classmethod
