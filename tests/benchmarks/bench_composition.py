@@ -18,49 +18,28 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from bench_common import PEFT_TARGETS, ROLES, llama, routed, token_batch
+from bench_common import timeit as bench_timeit
+from transformers import LlamaForCausalLM
 
 import adapter_composer as ac
 
-ROLES = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"]
-PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def base_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return llama(32000, seed)
 
 
 def batch(rows: int, tokens: int) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, 32000, (rows, tokens), generator=torch.Generator().manual_seed(rows))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return token_batch(rows, tokens, 32000, seed=rows)
 
 
-def timeit(fns: dict[str, callable], repeats: int) -> dict[str, float]:
-    """Median seconds per call, the candidates interleaved to share the machine's noise."""
-    times = {k: [] for k in fns}
-    with torch.no_grad():
-        for fn in fns.values():
-            fn(), fn()
-        for _ in range(repeats):
-            for k, fn in fns.items():
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+def timeit(fns: dict, repeats: int) -> dict[str, float]:
+    return bench_timeit(fns, repeats, warmup=2)
 
 
 def ours_route(n: int):
     model = base_model()
-    g = ac.Graph()
-    for i in range(n):
-        g.adapter(f"t{i}", "lora", r=8, alpha=16, targets=ROLES)
-    g.route({f"k{i}": f"t{i}" for i in range(n)}, name="tasks")
-    composed = ac.compose(model, g)
+    composed = routed(model, n)
     with torch.no_grad():
         for p in composed.parameters():
             p.normal_(0, 0.02)

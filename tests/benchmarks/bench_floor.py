@@ -15,49 +15,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from bench_common import PEFT_TARGETS, ROLES, llama, routed, timeit, token_batch
+from transformers import LlamaForCausalLM
 
 import adapter_composer as ac
 
-ROLES = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"]
-PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 8000
 
 
 def base_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return llama(VOCAB, seed)
 
 
 def batch(rows: int, tokens: int) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, VOCAB, (rows, tokens), generator=torch.Generator().manual_seed(rows + tokens))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def timeit(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call, the candidates interleaved so they share the machine's noise."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.no_grad():
-        for fn in fns.values():
-            fn()
-        for _ in range(repeats):
-            for k, fn in fns.items():
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return token_batch(rows, tokens, VOCAB, seed=rows + tokens)
 
 
 def randomized(model: torch.nn.Module, params) -> None:
@@ -69,11 +46,7 @@ def randomized(model: torch.nn.Module, params) -> None:
 
 def ours_route(n: int):
     model = base_model()
-    g = ac.Graph()
-    for i in range(n):
-        g.adapter(f"t{i}", "lora", r=8, alpha=16, targets=ROLES)
-    g.route({f"k{i}": f"t{i}" for i in range(n)}, name="tasks")
-    composed = ac.compose(model, g)
+    composed = routed(model, n)
     randomized(model, composed.parameters())
     return model, composed
 
