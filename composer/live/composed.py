@@ -15,6 +15,7 @@ from torch import nn
 from adapter_composer.errors import ArgumentError, ComposerError, CompositionError, RoutingError
 from adapter_composer.formats.composition import fingerprint
 from adapter_composer.live.handles import AdapterHandle, ParameterReport
+from adapter_composer.live.merge_plan import plan_merge
 from adapter_composer.pipeline.apply import (
     Patch,
     Runtime,
@@ -24,13 +25,12 @@ from adapter_composer.pipeline.apply import (
     undo_patch,
 )
 from adapter_composer.pipeline.graph import Graph
-from adapter_composer.pipeline.plan import Leaf, OpNode, Plan, Program, make_plan
+from adapter_composer.pipeline.plan import Plan, make_plan
 from adapter_composer.pipeline.validate import Analysis, analyse
 from adapter_composer.registry import Diagnostic, Registry, default_registry
 from adapter_composer.runtime import CONTAINER_ATTR
 from adapter_composer.runtime.linear import LinearSite
 from adapter_composer.runtime.model import ModelHook
-from adapter_composer.runtime.module import ModuleSite
 from adapter_composer.runtime.state import CallScope, CallState, not_picklable
 from adapter_composer.sites import logical_shape
 
@@ -309,29 +309,6 @@ class Composed:
 
     # --- merging ----------------------------------------------------------------------
 
-    def _merge_problems(self) -> tuple[list[nn.Module], list[Diagnostic], set[str]]:
-        mergeable, problems, unmerged = [], [], set()
-        for (path, family), site in self._rt.sites.items():
-            prog = self.plan.site(path, family).program
-            if not _foldable_site(family, site):
-                unmerged.update(leaf.adapter for leaf in prog.leaves())
-                continue
-            reasons = _unfoldable(prog, self._analysis)
-            if reasons:
-                problems.extend(
-                    Diagnostic(
-                        code="merge-not-exact",
-                        message=f"{msg} (site {path})",
-                        nodes=nodes,
-                        sites=(path,),
-                        fix=fix,
-                    )
-                    for msg, nodes, fix in reasons
-                )
-            else:
-                mergeable.append(site)
-        return mergeable, problems, unmerged
-
     def merge(self, partial: bool = False) -> list[str]:
         """Fold every adapter into the base weights (exactly; originals are kept for unmerge).
 
@@ -340,28 +317,10 @@ class Composed:
         linear sites that can be and returns the adapters left active.
         """
         self._require_active()
-        mergeable, problems, unmerged = self._merge_problems()
-        if problems and not partial:
-            raise CompositionError(problems, "merge")
-        if unmerged and not partial:
-            raise CompositionError(
-                [
-                    Diagnostic(
-                        code="merge-not-exact",
-                        message=f"adapter {a!r} ({self.adapters[a].method}) cannot be merged into linear weights",
-                        nodes=(a,),
-                        fix="merge(partial=True) merges the others and leaves it active",
-                    )
-                    for a in sorted(unmerged)
-                ],
-                "merge",
-            )
+        mergeable, left = plan_merge(self, partial)
         for site in mergeable:
             site.merge()
-        left = set(unmerged)
-        for d in problems:
-            left.update(n for n in d.nodes if n in self.adapters)
-        return sorted(left)
+        return left
 
     def merge_sum(self, node: str, strategy: str = "linear", **options: Any) -> Any:
         """Merge the adapters under sum node ``node`` into one update per site with a named
@@ -442,46 +401,5 @@ def _model_hook(model: nn.Module) -> ModelHook | None:
     return None
 
 
-def _foldable_site(family: str, site: nn.Module) -> bool:
-    """Sites whose program can be folded into the base module: linear layers (the normal
-    form over weights) and module copies (the trained copy is copied back)."""
-    return (family == "linear" and isinstance(site, LinearSite)) or (family == "module" and isinstance(site, ModuleSite))
-
-
 def _already_composed(model: nn.Module) -> bool:
     return hasattr(model, CONTAINER_ATTR) or any(getattr(m, "is_composer_site", False) for m in model.modules())
-
-
-def _unfoldable(prog: Program, analysis: Analysis) -> list[tuple[str, tuple[str, ...], str]]:
-    out = []
-
-    def walk(p: Program, under: str | None) -> None:
-        if isinstance(p, Leaf):
-            method = analysis.methods[p.adapter]
-            if under is not None:
-                out.append(
-                    (
-                        f"adapter {p.adapter!r} sits inside {under}, whose output depends on the input",
-                        (p.adapter,),
-                        "merge is exact only for stack and sum",
-                    )
-                )
-            elif not method.capabilities.mergeable:
-                out.append(
-                    (
-                        f"method {method.name} of adapter {p.adapter!r} is not mergeable",
-                        (p.adapter,),
-                        "merge(partial=True) leaves it active",
-                    )
-                )
-            return
-        assert isinstance(p, OpNode)
-        record = analysis.registry.operators.get("stack" if p.implicit else p.operator)
-        inner = under
-        if inner is None and (record is None or not record.exact_merge):
-            inner = f"{p.operator} node {p.node!r}"
-        for c in p.children:
-            walk(c, inner)
-
-    walk(prog, None)
-    return out
