@@ -6,6 +6,7 @@
     adapter-composer demo                                     # the quick-start demo
     adapter-composer experiment run SPEC.json [--out DIR]     # train and evaluate every setup x seed
     adapter-composer experiment table results.json            # re-render the results table
+    adapter-composer experiment rates results.json            # the rates a selection chose (budget.lr)
 
 ``--model`` takes a transformers ``config.json`` (or a directory holding one); the model is
 built from it on the meta device, so validating a graph for a large model costs nothing.
@@ -143,6 +144,19 @@ def cmd_experiment_table(args) -> int:
     return 0
 
 
+def cmd_experiment_rates(args) -> int:
+    from adapter_composer.errors import ComposerError
+    from adapter_composer.workflow.experiment_report import chosen_rates, load_results
+
+    try:
+        rates = chosen_rates(load_results(args.results))
+    except ComposerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps({"budget": {"lr": rates}}, indent=1, sort_keys=True))
+    return 0
+
+
 def _experiment_parser(sub) -> None:
     exp = sub.add_parser("experiment", help="multi-task experiments from a spec file (run, table)")
     esub = exp.add_subparsers(dest="experiment_command", required=True)
@@ -159,6 +173,9 @@ def _experiment_parser(sub) -> None:
     table.add_argument("--out", default=None, help="write results.json/.md (and .png with --plots) here")
     table.add_argument("--plots", action="store_true", help="with --out: also draw results.png")
     table.set_defaults(fn=cmd_experiment_table)
+    rates = esub.add_parser("rates", help="the learning rates a selection run chose, as budget.lr entries for a spec")
+    rates.add_argument("results", help="results.json of a run with a selection grid (or its folder)")
+    rates.set_defaults(fn=cmd_experiment_rates)
 
 
 def main(argv: list[str] | None = None) -> int:

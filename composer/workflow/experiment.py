@@ -91,7 +91,7 @@ def _fit(spec, cell, tasks, out, fields, *, out_dir=None, callbacks=()) -> tuple
     subset = {t: tasks[t] for t in tasks_trained(spec, cell)}
     config = train_config(fields, f"setup {cell.setup!r}")
     if config.steps == 0:
-        scores = evaluate(composed, heads, subset, tokenizer, config.eval_batch_size)
+        scores = evaluate(composed, heads, subset, tokenizer, config.eval_batch_size, autocast=config.autocast)
         return scores, 0, 0, (composed, heads)
     start = 0
     if out_dir is not None and (last := latest_checkpoint(out_dir)) is not None:

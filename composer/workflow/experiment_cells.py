@@ -63,7 +63,9 @@ def train_fields(spec: ExperimentSpec, cell: Cell) -> dict[str, Any]:
     fields.update(spec.budget.train)
     fields.update(setup.train)
     lrs = spec.budget.lr
-    lr = setup.lr or lrs.get(cell.setup) or lrs.get(method or "") or lrs.get("default")
+    names = [cell.setup, method or ""]
+    per_task = [f"{n}/{cell.task}" for n in names] if cell.task else []
+    lr = setup.lr or next((lrs[k] for k in [*per_task, *names, "default"] if k in lrs), None)
     if lr is not None:
         fields["lr"] = lr
     fields.update(steps=steps, seed=cell.seed)

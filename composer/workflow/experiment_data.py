@@ -174,14 +174,14 @@ def load_model(spec: ExperimentSpec) -> tuple[Any, Any]:
 
     m = spec.model
     if m.config is not None:
-        data = dict(m.config)
+        data = dict(m.config) | dict(m.overrides)
         try:
             config = AutoConfig.for_model(data.pop("model_type", "bert"), **data)
         except (ValueError, KeyError) as exc:
             raise ExperimentSpecError(f"model.config is not a usable transformers config: {exc}") from None
         state = torch.random.get_rng_state()
         torch.manual_seed(m.init_seed)
-        model = AutoModel.from_config(config)
+        model = AutoModel.from_config(config, **_attention(m))
         torch.random.set_rng_state(state)
         path = None
     else:
@@ -191,7 +191,14 @@ def load_model(spec: ExperimentSpec) -> tuple[Any, Any]:
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per cell is noise
         try:
-            model = AutoModel.from_pretrained(path)
+            config = AutoConfig.from_pretrained(path)
+            unknown = sorted(k for k in m.overrides if not hasattr(config, k))
+            if unknown:
+                raise ExperimentSpecError(f"model.overrides: {unknown} are not fields of the {config.model_type} config "
+                                          f"at {path}; use names from its config.json")
+            for k, v in m.overrides.items():
+                setattr(config, k, v)
+            model = AutoModel.from_pretrained(path, config=config, **_attention(m))
         finally:
             if bar:
                 hf_logging.enable_progress_bar()
@@ -202,6 +209,10 @@ def load_model(spec: ExperimentSpec) -> tuple[Any, Any]:
         except (OSError, ValueError) as exc:
             raise ExperimentSpecError(f"model.tokenizer: no tokenizer at {tok_path} ({exc})") from None
     return model.eval(), _TOKENIZERS[tok_path]
+
+
+def _attention(m: Any) -> dict[str, Any]:
+    return {} if m.attn_implementation is None else {"attn_implementation": m.attn_implementation}
 
 
 # one tokenizer object per path: a Task caches its tokenization per tokenizer, so every

@@ -59,6 +59,8 @@ def collect(spec: Any, cells: Sequence[Mapping[str, Any]], seeds: Sequence[int],
                 "seconds": round(sum(r["seconds"] for r in rows), 2),
                 "lr": {r["task"] or "joint": r["lr"] for r in rows},
             }
+            if selected := {r["task"] or "joint": r["lr"] for r in rows if r.get("selection")}:
+                per_seed[str(seed)]["selected"] = selected  # rates chosen on the training holdout
         tasks = [t for t in spec.tasks if all(t in s["scores"] for s in per_seed.values())]
         entry = {
             "label": spec.setups[name].label or name,
@@ -71,6 +73,24 @@ def collect(spec: Any, cells: Sequence[Mapping[str, Any]], seeds: Sequence[int],
         if tasks:
             entry["average"] = mean_std([sum(s["scores"][t] for t in tasks) / len(tasks) for s in per_seed.values()])
         out["setups"][name] = entry
+    return out
+
+
+def chosen_rates(results: Mapping[str, Any]) -> dict[str, float]:
+    """The learning rates a run's selection chose, as ``budget.lr`` entries of another spec:
+    ``{"lora/sst2": 0.001, ...}`` per single-task cell, ``{"route": ...}`` per joint setup.
+    With several seeds, the rate chosen most often (a tie: the smaller)."""
+    out: dict[str, float] = {}
+    for name, entry in results.get("setups", {}).items():
+        votes: dict[str, list[float]] = {}
+        for per_seed in entry.get("per_seed", {}).values():
+            for task, lr in per_seed.get("selected", {}).items():
+                votes.setdefault(task, []).append(lr)
+        for task, lrs in votes.items():
+            key = name if task == "joint" else f"{name}/{task}"
+            out[key] = min(set(lrs), key=lambda lr: (-lrs.count(lr), lr))
+    if not out:
+        raise ExperimentError("the results hold no selected learning rates; run a spec with a 'selection' grid first")
     return out
 
 

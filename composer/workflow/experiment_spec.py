@@ -57,6 +57,10 @@ class ModelSpec(_Strict):
     config: dict[str, Any] | None = Field(None, description="a transformers config dict (a randomly initialised model, for tests)")
     init_seed: int = Field(0, description="the seed of a config-built model's weights (the same base for every cell)")
     tokenizer: str | None = Field(None, description="a from_pretrained tokenizer directory (default: the model's)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="config fields set when loading, e.g. "
+                                      "hidden_dropout_prob: 0.0 (the frozen encoder without dropout)")
+    attn_implementation: str | None = Field(None, description="transformers' attention kernel (eager, sdpa); on CPU, "
+                                            "eager trains faster than sdpa when dropout is off")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -101,7 +105,8 @@ class Selection(_Strict):
 class Budget(_Strict):
     steps: int | dict[str, int] = Field(100, description="training steps of a single-task cell (per task: a dict)")
     batch_size: int = Field(32, ge=1)
-    lr: dict[str, float] = Field(default_factory=dict, description="learning rate per setup or method name ('default' too)")
+    lr: dict[str, float] = Field(default_factory=dict, description="learning rate per setup or method name, or per "
+                                 "single-task cell as 'lora/rte' (setup or method / task); 'default' too")
     train: dict[str, Any] = Field(default_factory=dict, description="any other TrainConfig fields")
 
 
@@ -206,6 +211,7 @@ class ExperimentSpec(_Strict):
         for name, setup in self.setups.items():
             problems += self._setup_problems(name, setup, registry)
         problems += _train_problems("budget.train", self.budget.train)
+        problems += self._lr_problems(set(registry.methods))
         if isinstance(self.budget.steps, dict):
             missing = [t for t in self.tasks if t not in self.budget.steps]
             if missing:
@@ -245,6 +251,25 @@ class ExperimentSpec(_Strict):
         if setup.single and not setup.train_adapters:
             out.append(f"{where}: a single-task setup must train its adapters (train_adapters: true)")
         return out + _train_problems(f"{where}.train", setup.train)
+
+    def _lr_problems(self, methods: set[str]) -> list[str]:
+        """budget.lr keys that match no cell (a typo would silently use the default); a
+        registered method's name is accepted when no setup uses it yet."""
+        names = set(self.setups) | {m for s in self.setups if (m := self.method_of(s)[0])}
+        single = {s for s, v in self.setups.items() if v.single} | {self.method_of(s)[0] for s, v in self.setups.items() if v.single}
+        names |= methods
+        single |= methods
+        out = []
+        for key in self.budget.lr:
+            head, _, task = key.partition("/")
+            if key == "default" or ("/" not in key and head in names):
+                continue
+            if head in single and task in self.tasks:
+                continue
+            out.append(f"budget.lr: key {key!r} matches no cell; use 'default', a setup or method name "
+                       f"({sorted(names)}), or '<setup or method>/<task>' for a single-task setup's cell "
+                       f"({sorted(n for n in single if n)}; tasks {sorted(self.tasks)})")
+        return out
 
     # --- budgets ----------------------------------------------------------------------
 
@@ -303,6 +328,13 @@ def _train_problems(where: str, options: dict[str, Any]) -> list[str]:
             home = RUNNER_OWNED[key]
             why = f"set it through {home}" if home else "the runner evaluates dev once, after training (select on the training holdout)"
             out.append(f"{where}: {key!r} is set by the runner; {why}")
+    if not out:  # the names are right: check the values too (e.g. autocast)
+        from adapter_composer.workflow.training import TrainConfig
+
+        try:
+            TrainConfig(**{"steps": 1, **options})
+        except (TypeError, ValueError, ComposerError) as exc:
+            out.append(f"{where}: {exc}")
     return out
 
 

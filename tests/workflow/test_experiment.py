@@ -169,7 +169,7 @@ def test_resume_after_an_interruption(first_run, workspace, tmp_path):
     assert not list(out.glob("cells/*/*/train"))  # checkpoints go once a cell is done
 
 
-def test_lr_selection_uses_held_out_training_rows_not_dev(workspace, tmp_path, monkeypatch):
+def test_lr_selection_uses_held_out_training_rows_not_dev(workspace, tmp_path, monkeypatch, capsys):
     from adapter_composer.workflow import training
 
     data = tiny_spec(workspace, seeds=[0], selection={"holdout": 0.25, "lr": {"lora": [1e-3, 3e-2]}}, plots=False)
@@ -185,6 +185,21 @@ def test_lr_selection_uses_held_out_training_rows_not_dev(workspace, tmp_path, m
     scores = cell["selection"]["held_out_scores"]
     assert cell["lr"] == max([1e-3, 3e-2], key=lambda lr: (scores[repr(lr)], -lr))
     assert summary.results["setups"]["lora"]["per_seed"]["0"]["lr"] == {"sent": cell["lr"]}
+    assert summary.results["setups"]["lora"]["per_seed"]["0"]["selected"] == {"sent": cell["lr"]}
+    # the choice, as budget.lr entries another spec can take
+    assert main(["experiment", "rates", str(tmp_path / "results.json")]) == 0
+    rates = json.loads(capsys.readouterr().out)["budget"]["lr"]
+    assert rates == {"lora/sent": cell["lr"]}
+    chosen = tiny_spec(workspace, seeds=[0], plots=False)
+    chosen["budget"]["lr"] |= rates
+    spec = ExperimentSpec.parse(chosen)
+    assert ex.train_fields(spec, next(c for c in ex.plan(spec) if c.label == "lora seed 0 sent"))["lr"] == cell["lr"]
+    # a run without a selection has nothing to give
+    results = json.loads((tmp_path / "results.json").read_text())
+    results["setups"]["lora"]["per_seed"]["0"].pop("selected")
+    (tmp_path / "plain.json").write_text(json.dumps(results))
+    assert main(["experiment", "rates", str(tmp_path / "plain.json")]) == 1
+    assert "no selected learning rates" in capsys.readouterr().err
 
 
 def test_table_command_re_renders(first_run, capsys, tmp_path):
