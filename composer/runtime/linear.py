@@ -216,14 +216,16 @@ class Leaf(nn.Module):
         return F.pad(t, (start, self.full_out - stop), value=fill)
 
     def _param_dtype(self) -> torch.dtype | None:
-        for p in self.op.parameters():
-            return p.dtype
-        return None
+        return next((p.dtype for p in self.op.parameters()), None)
 
     def linear_nf(self, x: torch.Tensor, call: LinearCall) -> NF:
         if self.kind == "linear.delta":
             dtype = self._param_dtype()
-            xin = x if dtype is None or x.dtype == dtype else x.to(dtype)
+            # under autocast, x already in its low precision stays there (the method's matmuls
+            # autocast anyway: an up-cast here would only be cast back, two copies per call)
+            keep = dtype is None or x.dtype == dtype or (
+                torch.is_autocast_enabled(x.device.type) and x.dtype == torch.get_autocast_dtype(x.device.type))
+            xin = x if keep else x.to(dtype)
             view = SiteView(call.site, self.out_slice, call if xin is x else None)
             return NF(e=self._pad(self.op(xin, view), 0.0))
         scale = self.op.scale()
