@@ -30,6 +30,7 @@ from adapter_composer.formats.peft import (
 )
 from adapter_composer.patterns import compile_pattern, matches_suffix
 from adapter_composer.registry import Capabilities, hookimpl
+from adapter_composer.runtime.lowrank import bump_epoch
 
 
 class LoraConfig(BaseModel):
@@ -106,6 +107,17 @@ def _init_pair(
 
 class LoRA(nn.Module):
     """Δ(x) = s · B A dropout(x)."""
+
+    # lowrank() returns the module's own parameters and scale; an assignment that could
+    # change them (or the mode that decides whether it applies) bumps the banks' epoch, so a
+    # route's serving call may skip walking its children (runtime/lowrank.py)
+    lowrank_static = True
+    _WATCHED = frozenset({"lora_A", "lora_B", "scale", "dropout", "training"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in LoRA._WATCHED:
+            bump_epoch()
+        super().__setattr__(name, value)
 
     def __init__(
         self,

@@ -39,6 +39,7 @@ from adapter_composer.runtime.lowrank import (
     in_place_target,
     lowrank_of,
     mixed_delta,
+    wants_grad,
 )
 from adapter_composer.runtime.sublayer import residual_weighted
 
@@ -201,7 +202,7 @@ class MixNode(nn.Module):
         parts = [lowrank_of(c) for c in self.items]
         if all(p is not None for p in parts) and (self.options.top_k is None or _dense_is_cheaper(parts, self.options.top_k)):
             a, b, scale = bank_of(self.bank, parts)  # top-k: the unselected experts' gates are exact zeros
-            into = in_place_target(call, self, parts) if not g.requires_grad else None
+            into = in_place_target(call, self, a.dtype, wants_grad(parts) or g.requires_grad)
             if into is not None:
                 mixed_delta(x.to(a.dtype), a, b, scale, g.to(a.dtype), into=into)
                 return NF()

@@ -31,6 +31,7 @@ from adapter_composer.runtime.lowrank import (
     in_place_target,
     lowrank_of,
     routed_delta,
+    wants_grad,
 )
 from adapter_composer.runtime.model import SegmentCall, Segments
 from adapter_composer.runtime.module import ModuleCall, routed_output
@@ -61,6 +62,7 @@ class RouteNode(nn.Module):
         The new low-rank adapter is written into its bank slot in place (its parameters become
         views of the slot; an added one takes a free slot, or the site re-banks with room for
         more); the adapter it replaces gets its own storage back."""
+        self.bank.forget()
         if key in self.keys:
             i = self.keys.index(key)
             self.bank.release(self.items[i])  # the adapter leaving keeps its weights
@@ -77,6 +79,7 @@ class RouteNode(nn.Module):
                 self._bank_now(spare=len(self.keys) // 2)  # room for more: amortised O(1) per swap
 
     def remove_child(self, key: str) -> None:
+        self.bank.forget()
         i = self.keys.index(key)
         self.bank.release(self.items[i])
         del self.items[i]
@@ -127,15 +130,22 @@ class RouteNode(nn.Module):
         slots = self._slots(call, x.shape[0], x.device)
         if slots is None or not self.keys:
             return NF()
-        parts = [lowrank_of(c) for c in self.items]
-        if all(p is not None for p in parts):
-            a, b, scale = bank_of(self.bank, parts)
-            into = in_place_target(call, self, parts)
-            if into is not None:  # the base output gets the deltas in place: nothing else to add
-                routed_delta(x.to(a.dtype), a, b, scale, slots, into=into)
-                return NF()
-            return NF(e=routed_delta(x.to(a.dtype), a, b, scale, slots))
-        return self._grouped_nf(x, call, slots)
+        banked = None if torch.is_grad_enabled() else self.bank.fast()  # serving: O(1) in the children
+        grad = False
+        if banked is None:
+            parts = [lowrank_of(c) for c in self.items]
+            if not all(p is not None for p in parts):
+                return self._grouped_nf(x, call, slots)
+            grad = wants_grad(parts)
+            banked = bank_of(self.bank, parts)
+            if not grad:
+                self.bank.remember(self.items, parts)
+        a, b, scale = banked
+        into = in_place_target(call, self, a.dtype, grad)
+        if into is not None:  # the base output gets the deltas in place: nothing else to add
+            routed_delta(x.to(a.dtype), a, b, scale, slots, into=into)
+            return NF()
+        return NF(e=routed_delta(x.to(a.dtype), a, b, scale, slots))
 
     def _grouped_nf(self, x: torch.Tensor, call: Any, slots: torch.Tensor) -> NF:
         out = NF()

@@ -22,6 +22,14 @@ moves it out of its slot; every call compares the parameters' data pointers with
 gradient is wanted: training forwards stack the parameters themselves, so gradients reach
 them as usual.
 
+A serving call (no gradient mode) skips even the per-child walk when it can: after a call
+that found every child's factors to be its own parameters in their slots, and every child's
+op *static* (``lowrank_static = True``: its ``lowrank()`` returns its own parameters and a
+scale, and any assignment that could change them — the factors, the scale, dropout, the
+train/eval mode — bumps :data:`EPOCH`, as LoRA does), the next call checks one integer (the
+epoch) and the slots' data pointers (one C call per tensor) and reads the bank as it is.
+Membership changes (hot swap) drop that shortcut; anything else takes the full path.
+
 Parameters the bank does not own are copied into their slot at every call instead: always
 current, never rebound. Those are factors computed per call (VeRA's λ-scaled projections,
 AdaLoRA's A ⊙ E), parameters sharing storage with something else (FSDP's flat parameters),
@@ -37,6 +45,13 @@ import torch
 from torch import nn
 
 Part = tuple[torch.Tensor, torch.Tensor, float]
+
+
+EPOCH = [0]  # bumped by static low-rank ops when an assignment may change what lowrank() gives
+
+
+def bump_epoch() -> None:
+    EPOCH[0] += 1
 
 
 def lowrank_of(leaf: nn.Module) -> Part | None:
@@ -77,6 +92,27 @@ class LowRankBank:
         self.scale: torch.Tensor | None = None
         self._slots: tuple | None = None  # per part: (A data_ptr, B data_ptr, scale), None where copied
         self._copied: tuple[int, ...] = ()  # parts copied in at every call
+        self._fast: tuple | None = None  # (epoch, factor tensors, their data pointers): see fast()
+
+    def fast(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The bank without looking at the children, when :meth:`remember` vouched for it and
+        nothing changed since: the epoch is the same and every factor is still in its slot."""
+        f = self._fast
+        if f is None or f[0] != EPOCH[0] or tuple(map(torch.Tensor.data_ptr, f[1])) != f[2]:
+            return None
+        return self.a, self.b, self.scale
+
+    def remember(self, children: Sequence[nn.Module], parts: Sequence[Part]) -> None:
+        """After a full-path ``get(parts)``: let later calls use :meth:`fast` when every part
+        is a static op's own parameters in its slot (nothing copied per call)."""
+        if self._copied or not all(getattr(getattr(c, "op", None), "lowrank_static", False) for c in children):
+            self._fast = None
+            return
+        tensors = tuple(t for a, b, _ in parts for t in (a, b))
+        self._fast = (EPOCH[0], tensors, tuple(t.data_ptr() for t in tensors))
+
+    def forget(self) -> None:
+        self._fast = None
 
     def __deepcopy__(self, memo: dict) -> LowRankBank:
         return LowRankBank()  # a copy's parameters are new tensors: it banks them at its first call
@@ -241,12 +277,13 @@ def mixed_delta(
     return h @ b_cat
 
 
-def in_place_target(call, node: nn.Module, parts: Sequence[Part]) -> torch.Tensor | None:
-    """The base output of a linear call that ``node`` may add its delta to in place: ``node``
-    is the site's whole program, the output needs no gradient and is contiguous."""
+def in_place_target(call, node: nn.Module, dtype: torch.dtype, grad: bool) -> torch.Tensor | None:
+    """The base output of a linear call that ``node`` may add its delta (of ``dtype``; ``grad``:
+    it needs gradients) to in place: ``node`` is the site's whole program, neither needs
+    gradients and the output is contiguous."""
     site, y = getattr(call, "site", None), getattr(call, "y", None)
     if y is None or site is None or getattr(site, "program", None) is not node or y.requires_grad:
         return None
-    if not y.is_contiguous() or y.dtype != parts[0][0].dtype or wants_grad(parts):
+    if grad or not y.is_contiguous() or y.dtype != dtype:
         return None
     return y

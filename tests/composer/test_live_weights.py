@@ -16,6 +16,7 @@ import adapter_composer as ac
 import adapter_composer.plugins.mix as mix_plugin
 import adapter_composer.plugins.route as route_plugin
 from adapter_composer import Graph
+from adapter_composer.runtime.lowrank import LowRankBank
 from tests.models import inputs, randomize, tiny_llama
 
 KEYS = ["k1", "k0", None, "k2"]
@@ -56,6 +57,7 @@ def _served(model, **call):
 def _reference(model, monkeypatch, **call):
     """The same call with the batched kernels off: each adapter's own forward on its parameters."""
     with monkeypatch.context() as m:
+        m.setattr(LowRankBank, "fast", lambda self: None)
         m.setattr(route_plugin, "lowrank_of", lambda leaf: None)
         m.setattr(mix_plugin, "lowrank_of", lambda leaf: None)
         return _served(model, **call)
@@ -95,7 +97,19 @@ def _loaded_state_dict(composed, name):
     composed.model.load_state_dict({**state, **changed})
 
 
-CHANGES = {"p.data.mul_": _doubled_b, "p.data.copy_": _copied_into_a, "p.data = t": _rebound, "load_state_dict": _loaded_state_dict}
+def _rescaled(composed, name):
+    for op in _lora(composed, name):
+        op.scale = op.scale * 3.0
+
+
+def _reassigned(composed, name):
+    g = torch.Generator().manual_seed(9)
+    for op in _lora(composed, name):
+        op.lora_B = torch.nn.Parameter(torch.randn(op.lora_B.shape, generator=g) * 0.3)
+
+
+CHANGES = {"p.data.mul_": _doubled_b, "p.data.copy_": _copied_into_a, "p.data = t": _rebound, "load_state_dict": _loaded_state_dict,
+           "op.scale =": _rescaled, "op.lora_B = Parameter": _reassigned}
 
 
 @pytest.mark.parametrize("ranks", [(4, 4, 4), (2, 3, 4)], ids=["one rank", "mixed ranks"])
@@ -134,6 +148,7 @@ def test_route_gradients_equal_the_per_adapter_reference(registry, monkeypatch):
 
     fast = grads()
     with monkeypatch.context() as m:
+        m.setattr(LowRankBank, "fast", lambda self: None)
         m.setattr(route_plugin, "lowrank_of", lambda leaf: None)
         slow = grads()
     assert all(torch.allclose(f, s, atol=1e-6) for f, s in zip(fast, slow, strict=True))
@@ -197,3 +212,31 @@ def test_a_bank_built_under_inference_mode_leaves_the_parameters_trainable(regis
     model(**inputs(batch=4), route=KEYS).logits.square().mean().backward()
     optimizer.step()
     _assert_serves_current(model, monkeypatch, route=KEYS)
+
+
+def test_a_serving_call_skips_the_children_once_the_bank_is_vouched_for(registry, monkeypatch):
+    """After one no-grad call, the next reads the bank without walking the children (O(1) in
+    the number of adapters); a hot swap, a mode change or a call with gradients walks again."""
+    model, composed = _routed(registry)
+    first = _served(model, route=KEYS)
+    walked = []
+    real = route_plugin.lowrank_of
+    monkeypatch.setattr(route_plugin, "lowrank_of", lambda leaf: walked.append(leaf) or real(leaf))
+    assert torch.equal(_served(model, route=KEYS), first) and walked == []
+    model.train()
+    model.eval()  # a mode change: one full walk, then the shortcut again
+    _served(model, route=KEYS)
+    assert walked
+    walked.clear()
+    _served(model, route=KEYS)
+    assert walked == []
+    with torch.enable_grad():
+        model(**inputs(batch=4), route=KEYS)
+    assert walked  # a call that may need gradients always takes the full path
+    _served(model, route=KEYS)
+    walked.clear()
+    composed.add_adapter("t9", "lora", route="tasks", key="k9", r=4, alpha=8, targets=TARGETS)
+    randomize(composed, std=0.3, seed=4)
+    _served(model, route=["k9", *KEYS[1:]])
+    assert walked  # membership changed: the full path, which sees the new adapter
+    _assert_serves_current(model, monkeypatch, route=["k9", *KEYS[1:]])
