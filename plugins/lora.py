@@ -105,6 +105,9 @@ def _init_pair(
     return nn.Parameter(a), nn.Parameter(torch.zeros(fan_out, r, dtype=dtype))
 
 
+_LOWRANK_FIELDS = frozenset({"lora_A", "lora_B", "scale", "dropout", "training"})
+
+
 class LoRA(nn.Module):
     """Δ(x) = s · B A dropout(x)."""
 
@@ -112,10 +115,9 @@ class LoRA(nn.Module):
     # change them (or the mode that decides whether it applies) bumps the banks' epoch, so a
     # route's serving call may skip walking its children (runtime/lowrank.py)
     lowrank_static = True
-    _WATCHED = frozenset({"lora_A", "lora_B", "scale", "dropout", "training"})
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in LoRA._WATCHED:
+        if name in _LOWRANK_FIELDS:
             bump_epoch()
         super().__setattr__(name, value)
 
