@@ -75,6 +75,9 @@ def build(spec: ExperimentSpec, cell: Cell, tasks: dict[str, Any], out: Path) ->
         composed.replace_weights(task, read_safetensors(folder / "adapter.safetensors"))
         if task in heads.heads:
             heads.heads[task].load_state_dict(read_safetensors(folder / "head.safetensors"))
+    for task in train_on:  # fresh regression heads start at the mean training label
+        if task not in cell.deps and tasks[task].spec.kind == "regression":
+            heads.start_at_label_mean(task, [x["label"] for x in tasks[task].encode(tokenizer, "train")])
     if not setup.train_adapters:
         for handle in composed.adapters.values():
             for p in handle.parameters():

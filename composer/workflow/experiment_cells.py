@@ -110,10 +110,16 @@ def plan(spec: ExperimentSpec, seeds: Sequence[int] | None = None, only: Sequenc
     return cells
 
 
+# bumped when the runner's own choices change a cell's result (2: fresh regression heads
+# start at the mean training label), so caches of an older runner are not reused
+RUNNER_VERSION = 2
+
+
 def cell_key(spec: ExperimentSpec, cell: Cell) -> str:
     setup = spec.setups[cell.setup].model_dump(mode="json", exclude={"label"})
     tasks = sorted(set(tasks_with_adapters(spec, cell)) | set(tasks_trained(spec, cell)))
     return digest({
+        "runner": RUNNER_VERSION,
         "model": spec.model.model_dump(mode="json"),
         "heads": spec.heads,
         "setup": setup,

@@ -34,6 +34,18 @@ class TaskHeads(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, spec.num_labels) for name, spec in self.specs.items()})
 
+    @torch.no_grad()
+    def start_at_label_mean(self, name: str, labels: Sequence[float]) -> None:
+        """A fresh regression head predicts the mean training label (its bias), not 0: on a
+        0-5 scale such as STS-B the first steps' errors are then the labels' spread, not 2.7
+        on average, whose large early gradients can collapse the encoder's features (LoRA
+        at lr 3e-3 did, for one seed in three)."""
+        if self.specs[name].kind != "regression":
+            raise ValueError(f"task {name!r} is a classification task; start_at_label_mean is for regression heads")
+        if not labels:
+            raise ValueError(f"task {name!r}: no labels to take the mean of")
+        self.heads[name].bias.fill_(sum(float(v) for v in labels) / len(labels))
+
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return mean_pool(hidden, mask) if self.pooling == "mean" else hidden[:, 0]
 

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from adapter_composer.workflow import experiment as ex
 from adapter_composer.workflow.experiment_cells import train_fields
 from adapter_composer.workflow.experiment_data import load_model, load_tasks
+from adapter_composer.workflow.experiment_report import chosen_rates, load_results, render_table
 from adapter_composer.workflow.experiment_spec import ExperimentSpec, ExperimentSpecError
 from adapter_composer.workflow.training import TrainConfig, TrainingSetupError, evaluate, predict
 from tests.workflow.conftest import tiny_spec
@@ -99,3 +102,53 @@ def test_bfloat16_training_trains_and_evaluates_close_to_full_precision(workspac
     reported = summary.results["setups"]["lora"]["per_seed"]["0"]["scores"]["score"]
     assert evaluate(composed, heads, {"score": tasks["score"]}, tok, autocast="bfloat16")["score"] == pytest.approx(reported, abs=1e-6)
     assert evaluate(composed, heads, {"score": tasks["score"]}, tok)["score"] == pytest.approx(reported, abs=0.05)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_glue_spec_takes_its_rates_from_the_recorded_selection():
+    """examples/glue/spec.json's per-task rates are what tune.json's selection chose on the
+    training holdout (docs/glue/tune/results.json), under the same model, tasks and budgets."""
+    spec = ExperimentSpec.from_file(ROOT / "examples" / "glue" / "spec.json")
+    tune = ExperimentSpec.from_file(ROOT / "examples" / "glue" / "tune.json")
+    results = load_results(ROOT / "docs" / "glue" / "tune" / "results.json")
+    assert {k: v for k, v in spec.budget.lr.items() if "/" in k} == chosen_rates(results)
+    assert len(chosen_rates(results)) == 2 * len(spec.tasks)  # every lora and ia3 cell was selected
+    for field in ("model", "tasks", "heads", "data_dir"):
+        assert getattr(tune, field) == getattr(spec, field), field
+    assert (tune.budget.steps, tune.budget.train, tune.budget.batch_size) == (spec.budget.steps, spec.budget.train, spec.budget.batch_size)
+    assert {n: tune.setups[n] for n in tune.setups} == {n: spec.setups[n] for n in tune.setups}
+    for name, grid in tune.selection.lr.items():
+        assert all(lr in grid for key, lr in chosen_rates(results).items() if key.startswith(name + "/"))
+
+
+def test_the_readme_glue_table_is_the_runs_table():
+    """The README's GLUE table is render_table of the committed three-seed run."""
+    results = load_results(ROOT / "docs" / "glue" / "results.json")
+    assert results["seeds"] == [0, 1, 2] and set(results["setups"]) == {"lora", "ia3", "route", "mix", "sum"}
+    table = render_table(results)
+    assert table.split("\n\n")[0] in (ROOT / "README.md").read_text()
+    assert (ROOT / "docs" / "glue" / "results.md").read_text().strip() == table.strip()
+
+
+def test_fresh_regression_heads_start_at_the_mean_label_and_loaded_heads_are_kept(workspace, tmp_path):
+    from adapter_composer.formats.files import read_safetensors
+    from adapter_composer.workflow.heads import TaskHeads
+
+    data = _single(workspace)
+    data["tasks"] = {"sent": data["tasks"]["sent"], "score": data["tasks"]["score"]}
+    spec = ExperimentSpec.parse(data)
+    tasks = load_tasks(spec)
+    cells = {c.label: c for c in ex.plan(spec)}
+    _, heads, tok = ex.build(spec, cells["lora seed 0 score"], tasks, tmp_path)
+    labels = [x["label"] for x in tasks["score"].encode(tok, "train")]
+    assert heads.heads["score"].bias.item() == pytest.approx(sum(labels) / len(labels))
+    assert abs(sum(labels) / len(labels)) > 0.5  # the check means something: not the default's ~0
+    ex.run_experiment(spec, tmp_path, log=lambda line: None)
+    # route starts from the trained single-task head: loaded as saved, not reset to the mean
+    _, joint, _ = ex.build(spec, cells["route seed 0 joint"], tasks, tmp_path)
+    saved = read_safetensors(cells["lora seed 0 score"].directory(tmp_path) / "head.safetensors")
+    assert torch.equal(joint.heads["score"].bias, saved["bias"])
+    with pytest.raises(ValueError, match="classification task"):
+        TaskHeads({"sent": tasks["sent"].spec}, hidden=8).start_at_label_mean("sent", [0, 1])
