@@ -255,10 +255,8 @@ class ExperimentSpec(_Strict):
     def _lr_problems(self, methods: set[str]) -> list[str]:
         """budget.lr keys that match no cell (a typo would silently use the default); a
         registered method's name is accepted when no setup uses it yet."""
-        names = set(self.setups) | {m for s in self.setups if (m := self.method_of(s)[0])}
-        single = {s for s, v in self.setups.items() if v.single} | {self.method_of(s)[0] for s, v in self.setups.items() if v.single}
-        names |= methods
-        single |= methods
+        single = methods | {n for s, v in self.setups.items() if v.single for n in (s, self.method_of(s)[0]) if n}
+        names = single | set(self.setups)
         out = []
         for key in self.budget.lr:
             head, _, task = key.partition("/")

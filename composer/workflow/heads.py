@@ -64,10 +64,11 @@ class TaskHeads(nn.Module):
     def loss(self, outputs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], labels: Sequence[Any]) -> torch.Tensor:
         total, count = None, 0
         for name, (rows, y) in outputs.items():
-            y = y.float()  # the loss in fp32 also under autocast
+            if y.dtype in (torch.float16, torch.bfloat16):
+                y = y.float()  # the loss in fp32 under autocast (a float64 model keeps float64)
             target = torch.tensor([labels[i] for i in rows.tolist()], device=y.device)
             if self.specs[name].kind == "regression":
-                part = F.mse_loss(y, target.float(), reduction="sum")
+                part = F.mse_loss(y, target.to(y.dtype), reduction="sum")
             else:
                 part = F.cross_entropy(y, target.long(), reduction="sum")
             total = part if total is None else total + part

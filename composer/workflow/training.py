@@ -75,9 +75,7 @@ class TrainConfig:
     autocast: str | None = None  # "bfloat16" or "float16": mixed precision for forward passes (weights stay fp32)
 
     def __post_init__(self) -> None:
-        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
-            raise TrainingSetupError(f"autocast={self.autocast!r} is not a mixed-precision type; "
-                                     f"use one of {sorted(AUTOCAST_DTYPES)} or None (full precision)")
+        _check_autocast(self.autocast)
 
 
 @dataclass
@@ -103,13 +101,18 @@ def encode_batch(composed: Any, heads: Any, batch: Mapping[str, Any], model: Any
     return HeadsObjective(composed, heads).forward(batch, model, heads)
 
 
+def _check_autocast(autocast: str | None) -> str | None:
+    if autocast is not None and autocast not in AUTOCAST_DTYPES:
+        raise TrainingSetupError(f"autocast={autocast!r} is not a mixed-precision type; "
+                                 f"use one of {sorted(AUTOCAST_DTYPES)} or None (full precision)")
+    return autocast
+
+
 def autocast_context(composed: Any, autocast: str | None) -> Any:
     """``torch.autocast`` on the model's device for ``autocast`` (None: a no-op context).
     On CPUs with AMX or AVX-512 bf16, "bfloat16" makes an encoder step about 1.7x faster."""
-    if autocast is None:
+    if _check_autocast(autocast) is None:
         return contextlib.nullcontext()
-    if autocast not in AUTOCAST_DTYPES:
-        raise TrainingSetupError(f"autocast={autocast!r} is not a mixed-precision type; use one of {sorted(AUTOCAST_DTYPES)} or None")
     device = next((p.device.type for p in composed.model.parameters()), "cpu")
     return torch.autocast(device_type=device, dtype=AUTOCAST_DTYPES[autocast])
 
